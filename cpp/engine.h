@@ -1,0 +1,136 @@
+// The serving loop: one llama_context, one scheduler thread. Callers submit
+// requests from any thread and read their output from the request's mailbox; the
+// thread runs  schedule -> execute (llama_decode) -> update (sample, stream)  until
+// closed. Everything llama.cpp touches is touched by that thread only.
+#pragma once
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kv_cache_manager.h"
+#include "model.h"
+#include "request.h"
+#include "scheduler.h"
+
+namespace mtllm {
+
+struct EngineParams {
+    int n_ctx = 0;             // KV cells shared by all sequences = longest request; 0 = min(train ctx, 8192)
+    int n_batch = 512;         // tokens per llama_decode: bounds a step's latency
+    int max_running = 16;      // sequences decoding together; more wait in the queue
+    int cache_sequences = 16;  // extra sequences kept only to hold reusable prefixes
+    int max_queued = 1024;     // waiting requests beyond this are refused (OverloadedError)
+    int n_threads = 0;         // 0 = all cores
+    bool prefix_reuse = true;
+    bool kv_unified = true;    // one KV buffer for all sequences: shared prefixes cost no copy
+    int flash_attn = -1;       // -1 auto, 0 off, 1 on
+};
+
+struct EngineStats {
+    uint64_t steps = 0;
+    uint64_t tokens_decoded = 0;   // tokens passed through llama_decode
+    uint64_t tokens_generated = 0;
+    int64_t tokens_reused = 0;     // prompt tokens served from the prefix cache
+    uint64_t preemptions = 0;
+    uint64_t evictions = 0;
+    uint64_t requests_finished = 0;
+    int running = 0;
+    int waiting = 0;
+    int cached_sequences = 0;
+    double decode_ms = 0;
+};
+
+struct AdapterInfo {
+    uint64_t id;
+    std::string path;
+};
+
+class Engine {
+public:
+    Engine(std::shared_ptr<Model> model, const EngineParams& params);
+    ~Engine();
+    Engine(const Engine&) = delete;
+    Engine& operator=(const Engine&) = delete;
+
+    std::shared_ptr<Request> submit(std::vector<llama_token> prompt, const SamplingParams& params,
+                                    const AdapterSet& adapters, bool notify);
+    void close();
+    bool closed() const { return closed_.load(); }
+
+    // Ids of requests (submitted with notify) that have new output; waits up to timeout_ms.
+    std::vector<uint64_t> wait_ready(int timeout_ms);
+
+    uint64_t load_adapter(const std::string& path);
+    void unload_adapter(uint64_t id);
+    std::vector<AdapterInfo> adapters() const;
+
+    EngineStats stats() const;
+    int n_ctx() const { return n_ctx_; }
+    int n_seq_max() const { return n_seq_max_; }
+    const std::shared_ptr<Model>& model() const { return model_; }
+
+private:
+    void loop();
+    void admit();
+    int execute(const StepPlan& plan);
+    void update(const StepPlan& plan);
+    bool handle_no_kv_slot(const StepPlan& plan);
+    void sample_next(Request* r, int batch_index);
+    void finish(Request* r, const std::string& reason, const std::string& err_kind = "", const std::string& err_msg = "");
+    void deliver(Request* r, const std::string& text, const std::vector<llama_token>& tokens, bool done);
+    void fail_all(const std::string& kind, const std::string& msg);
+    void build_sampler(Request* r);
+
+    std::shared_ptr<Model> model_;
+    EngineParams params_;
+    llama_context* ctx_ = nullptr;
+    int n_ctx_ = 0;
+    int n_seq_max_ = 0;
+    std::unique_ptr<KvCacheManager> kv_;
+    Scheduler scheduler_;
+    llama_batch batch_{};
+
+    // submission queue (any thread) -> scheduler thread
+    mutable std::mutex mu_;
+    std::condition_variable cv_;
+    std::deque<std::shared_ptr<Request>> incoming_;
+    size_t n_waiting_shared_ = 0;   // incoming + waiting, for overload checks
+    std::atomic<bool> stop_{false};
+    std::atomic<bool> closed_{false};
+    std::string broken_;            // set after a fatal decode error
+    uint64_t next_id_ = 1;
+
+    // scheduler thread only
+    std::deque<std::shared_ptr<Request>> waiting_;
+    std::vector<std::shared_ptr<Request>> running_;
+    std::string current_adapter_key_;
+
+    // adapters (loaded under mu_; used by the scheduler thread)
+    struct LoadedAdapter {
+        llama_adapter_lora* ptr;
+        std::string path;
+        int users = 0;              // running/waiting requests naming it
+        bool unload_pending = false;
+    };
+    std::map<uint64_t, LoadedAdapter> adapters_;
+    uint64_t next_adapter_id_ = 1;
+
+    // notification of async waiters
+    std::mutex ready_mu_;
+    std::condition_variable ready_cv_;
+    std::vector<uint64_t> ready_;
+
+    mutable std::mutex stats_mu_;
+    EngineStats stats_;
+
+    std::thread worker_;
+};
+
+}  // namespace mtllm

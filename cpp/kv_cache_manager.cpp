@@ -1,0 +1,120 @@
+#include "kv_cache_manager.h"
+
+namespace mtllm {
+
+namespace {
+int common_prefix(const std::vector<llama_token>& a, const std::vector<llama_token>& b) {
+    size_t n = a.size() < b.size() ? a.size() : b.size();
+    size_t i = 0;
+    while (i < n && a[i] == b[i]) ++i;
+    return int(i);
+}
+}  // namespace
+
+KvCacheManager::KvCacheManager(llama_memory_t mem, int n_seq, bool prefix_reuse)
+    : mem_(mem), seqs_(size_t(n_seq)), prefix_reuse_(prefix_reuse) {}
+
+bool KvCacheManager::acquire(const std::vector<llama_token>& tokens, const std::string& key, bool allow_reuse,
+                             SlotPlan* plan) {
+    const int limit = int(tokens.size()) - 1;
+    int best = -1, best_len = 0;
+    if (prefix_reuse_ && allow_reuse && limit > 0) {
+        for (int s = 0; s < n_seq(); ++s) {
+            const Seq& q = seqs_[size_t(s)];
+            if (q.key != key || q.tokens.empty()) continue;
+            int len = common_prefix(q.tokens, tokens);
+            if (len > limit) len = limit;
+            // Prefer an idle source on ties: it can be taken over in place.
+            if (len > best_len || (len == best_len && len > 0 && best >= 0 && seqs_[size_t(best)].busy && !q.busy)) {
+                best = s;
+                best_len = len;
+            }
+        }
+    }
+    ++clock_;
+    if (best >= 0 && !seqs_[size_t(best)].busy) {
+        Seq& q = seqs_[size_t(best)];
+        if (llama_memory_seq_rm(mem_, best, best_len, -1)) {
+            q.busy = true;
+            q.tokens.resize(size_t(best_len));
+            q.last_use = clock_;
+            plan->seq = best;
+            plan->n_reuse = best_len;
+            reused_tokens_ += best_len;
+            return true;
+        }
+    }
+    // Take a free sequence: an empty one first, else the least recently used cache.
+    int pick = -1;
+    for (int s = 0; s < n_seq(); ++s) {
+        const Seq& q = seqs_[size_t(s)];
+        if (q.busy || s == best) continue;
+        if (pick < 0) { pick = s; continue; }
+        const Seq& p = seqs_[size_t(pick)];
+        bool better = (q.tokens.empty() && !p.tokens.empty()) ||
+                      (q.tokens.empty() == p.tokens.empty() && q.last_use < p.last_use);
+        if (better) pick = s;
+    }
+    if (pick < 0) return false;
+    Seq& q = seqs_[size_t(pick)];
+    llama_memory_seq_rm(mem_, pick, -1, -1);
+    q.tokens.clear();
+    q.busy = true;
+    q.key = key;
+    q.last_use = clock_;
+    int n_reuse = 0;
+    if (best >= 0 && best_len > 0) {
+        // Shares the source's cells for positions [0, best_len): no KV is copied.
+        llama_memory_seq_cp(mem_, best, pick, 0, best_len);
+        q.tokens.assign(tokens.begin(), tokens.begin() + best_len);
+        n_reuse = best_len;
+        reused_tokens_ += best_len;
+    }
+    plan->seq = pick;
+    plan->n_reuse = n_reuse;
+    return true;
+}
+
+void KvCacheManager::on_computed(int seq, const llama_token* tokens, int n) {
+    Seq& q = seqs_[size_t(seq)];
+    q.tokens.insert(q.tokens.end(), tokens, tokens + n);
+}
+
+void KvCacheManager::release(int seq) {
+    Seq& q = seqs_[size_t(seq)];
+    q.busy = false;
+    q.last_use = ++clock_;
+    if (!prefix_reuse_) drop(seq);
+}
+
+void KvCacheManager::drop(int seq) {
+    Seq& q = seqs_[size_t(seq)];
+    llama_memory_seq_rm(mem_, seq, -1, -1);
+    q.tokens.clear();
+    q.busy = false;
+}
+
+bool KvCacheManager::evict_one() {
+    int victim = -1;
+    for (int s = 0; s < n_seq(); ++s) {
+        const Seq& q = seqs_[size_t(s)];
+        if (q.busy || q.tokens.empty()) continue;
+        if (victim < 0 || q.last_use < seqs_[size_t(victim)].last_use) victim = s;
+    }
+    if (victim < 0) return false;
+    drop(victim);
+    return true;
+}
+
+void KvCacheManager::clear_all() {
+    while (evict_one()) {
+    }
+}
+
+int KvCacheManager::cached_sequences() const {
+    int n = 0;
+    for (const auto& q : seqs_) n += (!q.busy && !q.tokens.empty()) ? 1 : 0;
+    return n;
+}
+
+}  // namespace mtllm
