@@ -161,7 +161,6 @@ PYBIND11_MODULE(_engine, m) {
         .def_readwrite("max_queued", &EngineParams::max_queued)
         .def_readwrite("n_threads", &EngineParams::n_threads)
         .def_readwrite("prefix_reuse", &EngineParams::prefix_reuse)
-        .def_readwrite("kv_unified", &EngineParams::kv_unified)
         .def_readwrite("flash_attn", &EngineParams::flash_attn);
 
     py::class_<Request, std::shared_ptr<Request>>(m, "Request")

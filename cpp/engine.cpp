@@ -54,7 +54,7 @@ Engine::Engine(std::shared_ptr<Model> model, const EngineParams& params)
     int threads = params_.n_threads > 0 ? params_.n_threads : int(std::max(1u, std::thread::hardware_concurrency()));
     cp.n_threads = threads;
     cp.n_threads_batch = threads;
-    cp.kv_unified = params_.kv_unified;
+    cp.kv_unified = true;  // required by seq_cp prefix sharing, and one sequence may use all of n_ctx
     cp.no_perf = true;
     cp.flash_attn_type = params_.flash_attn < 0 ? LLAMA_FLASH_ATTN_TYPE_AUTO
                          : params_.flash_attn == 0 ? LLAMA_FLASH_ATTN_TYPE_DISABLED : LLAMA_FLASH_ATTN_TYPE_ENABLED;

@@ -28,8 +28,7 @@ struct EngineParams {
     int cache_sequences = 16;  // extra sequences kept only to hold reusable prefixes
     int max_queued = 1024;     // waiting requests beyond this are refused (OverloadedError)
     int n_threads = 0;         // 0 = all cores
-    bool prefix_reuse = true;
-    bool kv_unified = true;    // one KV buffer for all sequences: shared prefixes cost no copy
+    bool prefix_reuse = true;  // the KV is always one unified buffer: shared prefixes cost no copy
     int flash_attn = -1;       // -1 auto, 0 off, 1 on
 };
 

@@ -14,3 +14,16 @@ from .errors import (
 )
 
 __version__ = "0.1.0"
+
+from .chat import ChatTemplate
+from .engine import (
+    Completion,
+    Engine,
+    EngineConfig,
+    ModelInfo,
+    Request,
+    SamplingParams,
+    StreamChunk,
+    route_llama_logs_to_logging,
+    silence_llama_logs,
+)

@@ -1,0 +1,455 @@
+"""The Python API of the serving loop.
+
+`Engine` validates arguments, turns dataclasses into the native structs and hands
+work to the native scheduler (mtllm_locally._engine), which batches every request
+in flight — from any thread or asyncio task — into shared llama_decode calls.
+
+    with Engine() as eng:                       # the embedded default model
+        print(eng.generate(messages=[{"role": "user", "content": "Hi"}]).text)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import threading
+import weakref
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
+
+from . import _engine, models
+from .chat import ChatTemplate
+from .errors import (
+    ContextOverflowError,
+    EngineClosedError,
+    EngineError,
+    InvalidRequestError,
+    RequestCancelled,
+)
+
+log = logging.getLogger("mtllm_locally")
+_ERRORS = {c.__name__: c for c in (ContextOverflowError, EngineClosedError, EngineError, InvalidRequestError)}
+
+Message = Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 0.0       # greedy by default: typed `by llm()` calls want determinism
+    top_p: float = 1.0
+    top_k: int = 0                 # 0 = off
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0    # 1 = off
+    repeat_last_n: int = 64
+    seed: int | None = None        # None = random (only matters when temperature > 0)
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        def bad(name, why):
+            raise InvalidRequestError(f"{name}={getattr(self, name)!r}: {why}")
+
+        for name in ("max_tokens", "top_k", "repeat_last_n"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                bad(name, "must be an int")
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                bad(name, "must be a finite number")
+        if self.max_tokens < 0:
+            bad("max_tokens", "must be >= 0")
+        if self.temperature < 0:
+            bad("temperature", "must be >= 0")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if self.top_k < 0:
+            bad("top_k", "must be >= 0")
+        if not 0 <= self.min_p <= 1:
+            bad("min_p", "must be in [0, 1]")
+        if self.repeat_penalty <= 0:
+            bad("repeat_penalty", "must be > 0")
+        if self.repeat_last_n < -1:
+            bad("repeat_last_n", "must be >= -1")
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**32 - 1):
+            bad("seed", "must be an int in [0, 2**32 - 1)")
+        stop = self.stop
+        if isinstance(stop, str):
+            stop = (stop,)
+        if stop is None:
+            stop = ()
+        if not all(isinstance(s, str) for s in stop):
+            bad("stop", "must be a string or a sequence of strings")
+        object.__setattr__(self, "stop", tuple(s for s in stop if s))
+
+    def to_native(self, logits_all: bool = False) -> "_engine.SamplingParams":
+        p = _engine.SamplingParams()
+        for f in fields(self):
+            if f.name not in ("seed", "stop"):
+                setattr(p, f.name, getattr(self, f.name))
+        p.seed = 0xFFFFFFFF if self.seed is None else self.seed
+        p.stop = list(self.stop)
+        p.logits_all = logits_all
+        return p
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    n_ctx: int = 0               # longest request (prompt + output); 0 = min(model's, 8192)
+    n_batch: int = 512           # tokens per decode step; bounds one step's latency
+    max_running: int = 16        # requests decoded together; beyond it they queue
+    cache_sequences: int = 16    # idle sequences kept to hold reusable prompt prefixes
+    max_queued: int = 1024       # queued requests beyond this raise OverloadedError
+    n_threads: int = 0           # 0 = every core; set lower to leave room for training
+    prefix_reuse: bool = True
+    flash_attn: bool | None = None  # None = llama.cpp decides
+    n_gpu_layers: int = 0        # needs a GPU build of llama.cpp (see README)
+    use_mmap: bool = True
+    fast_default: bool = True    # serve the embedded model as Q4_0 (see models.py)
+
+    def __post_init__(self):
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("int",) and (not isinstance(v, int) or isinstance(v, bool)):
+                raise InvalidRequestError(f"{f.name}={v!r}: must be an int")
+        if self.n_ctx < 0 or (0 < self.n_ctx < 16):
+            raise InvalidRequestError(f"n_ctx={self.n_ctx}: must be 0 (model default) or >= 16")
+        for name in ("n_batch", "max_running"):
+            if getattr(self, name) < 1:
+                raise InvalidRequestError(f"{name}={getattr(self, name)}: must be >= 1")
+        for name in ("cache_sequences", "max_queued", "n_threads", "n_gpu_layers"):
+            if getattr(self, name) < 0:
+                raise InvalidRequestError(f"{name}={getattr(self, name)}: must be >= 0")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: str
+    architecture: str
+    name: str
+    description: str
+    n_ctx_train: int
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_params: int
+    size_bytes: int
+    chat_template: str
+    bos_token: str
+    eos_token: str
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str           # "stop" | "length" | "cancelled"
+    token_ids: list[int]
+    prompt_tokens: int
+    cached_tokens: int           # prompt tokens served from the prefix cache
+    completion_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)  # queue_ms, ttft_ms, total_ms
+
+
+@dataclass
+class StreamChunk:
+    text: str
+    token_ids: list[int]
+
+
+class Request:
+    """A submitted request. Iterate it for streamed chunks, or call result()."""
+
+    def __init__(self, native: "_engine.Request", engine: "Engine"):
+        self._native = native
+        self._engine = engine
+        self._text: list[str] = []
+        self._tokens: list[int] = []
+        self._done = False
+
+    @property
+    def id(self) -> int:
+        return self._native.id
+
+    def cancel(self) -> None:
+        self._native.cancel()
+
+    def _absorb(self, raw: bytes, toks: list[int], done: bool) -> StreamChunk | None:
+        self._done = done
+        if not raw and not toks:
+            return None
+        text = raw.decode("utf-8", errors="replace")
+        self._text.append(text)
+        self._tokens.extend(toks)
+        return StreamChunk(text, list(toks))
+
+    def __iter__(self) -> Iterator[StreamChunk]:
+        while not self._done:
+            chunk = self._absorb(*self._native.take(-1))
+            if chunk is not None:
+                yield chunk
+        self._raise_if_failed()
+
+    def _raise_if_failed(self) -> dict:
+        out = self._native.outcome()
+        if out["error_kind"]:
+            raise _ERRORS.get(out["error_kind"], EngineError)(out["error_message"])
+        return out
+
+    def result(self, timeout: float | None = None) -> Completion:
+        import time
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._done:
+            wait_ms = -1 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+            self._absorb(*self._native.take(wait_ms))
+            if not self._done and deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"request {self.id} not finished after {timeout} s")
+        return self._completion()
+
+    def _completion(self) -> Completion:
+        out = self._raise_if_failed()
+        s = out["stats"]
+        return Completion(
+            text="".join(self._text), finish_reason=out["finish_reason"], token_ids=list(self._tokens),
+            prompt_tokens=s["prompt_tokens"], cached_tokens=s["cached_tokens"],
+            completion_tokens=s["completion_tokens"],
+            timings={k: s[k] for k in ("queue_ms", "ttft_ms", "total_ms")})
+
+    def logits(self):
+        """(prompt_tokens, n_vocab) float32 array; only for submit(..., logits_all=True)."""
+        return self._native.logits()
+
+
+class _AsyncPump:
+    """One thread per engine turns native 'request has output' signals into asyncio
+    wake-ups, so any number of tasks wait without a thread each."""
+
+    def __init__(self, native_engine):
+        self._native = native_engine
+        self._waiters: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Event]] = {}
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="mtllm-async-pump", daemon=True)
+        self._thread.start()
+
+    def register(self, rid: int, loop, event) -> None:
+        with self._lock:
+            self._waiters[rid] = (loop, event)
+
+    def unregister(self, rid: int) -> None:
+        with self._lock:
+            self._waiters.pop(rid, None)
+
+    def _run(self):
+        while not self._native.closed:
+            ids = self._native.wait_ready(100)
+            with self._lock:
+                targets = [self._waiters.get(i) for i in ids]
+            for t in targets:
+                if t is not None:
+                    loop, event = t
+                    try:
+                        loop.call_soon_threadsafe(event.set)
+                    except RuntimeError:  # loop closed
+                        pass
+        with self._lock:
+            targets = list(self._waiters.values())
+        for loop, event in targets:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:
+                pass
+
+
+class Engine:
+    """A model plus its serving loop. Thread-safe; share one per process."""
+
+    def __init__(self, model: str | os.PathLike | None = None, config: EngineConfig | None = None, **overrides):
+        config = replace(config or EngineConfig(), **overrides) if overrides else (config or EngineConfig())
+        self.config = config
+        path = models.resolve(model, fast_default=config.fast_default)
+        mp = _engine.ModelParams()
+        mp.n_gpu_layers = config.n_gpu_layers
+        mp.use_mmap = config.use_mmap
+        self._model = _engine.Model(str(path), mp)
+        ep = _engine.EngineParams()
+        for name in ("n_ctx", "n_batch", "max_running", "cache_sequences", "max_queued", "n_threads", "prefix_reuse"):
+            setattr(ep, name, getattr(config, name))
+        ep.flash_attn = -1 if config.flash_attn is None else int(config.flash_attn)
+        self._native = _engine.Engine(self._model, ep)
+        self._pump: _AsyncPump | None = None
+        self._pump_lock = threading.Lock()
+        m = self._model
+        self.info = ModelInfo(
+            path=str(path), architecture=m.meta("general.architecture"), name=m.meta("general.name"),
+            description=m.description, n_ctx_train=m.n_ctx_train, n_vocab=m.n_vocab, n_embd=m.n_embd,
+            n_layer=m.n_layer, n_params=m.n_params, size_bytes=m.size_bytes, chat_template=m.chat_template,
+            bos_token=self._piece(m.bos), eos_token=self._piece(m.eos))
+        self.chat_template = ChatTemplate(self.info.chat_template, bos_token=self.info.bos_token,
+                                          eos_token=self.info.eos_token)
+        weakref.finalize(self, _native_close, self._native)
+
+    # ---------------------------------------------------------------- model
+    def _piece(self, tok: int) -> str:
+        return self._model.token_piece(tok, True).decode("utf-8", "replace") if tok >= 0 else ""
+
+    @property
+    def n_ctx(self) -> int:
+        return self._native.n_ctx
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise InvalidRequestError(f"text must be a str, not {type(text).__name__}")
+        return self._model.tokenize(text, add_special, parse_special)
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
+        return self._model.detokenize(list(tokens), special)
+
+    def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
+               tools: list[dict] | None = None, **extra) -> str:
+        return self.chat_template.render(messages, add_generation_prompt=add_generation_prompt, tools=tools, **extra)
+
+    def encode_chat(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
+                    tools: list[dict] | None = None, **extra) -> list[int]:
+        """Messages -> prompt token ids, exactly as served (and as trained on)."""
+        text = self.render(messages, add_generation_prompt=add_generation_prompt, tools=tools, **extra)
+        # The template writes special tokens as text; BOS is added only if the model
+        # wants it and the template did not already write it.
+        add_bos = self._model.add_bos and not (self.info.bos_token and text.startswith(self.info.bos_token))
+        return self._model.tokenize(text, add_bos, True)
+
+    # ---------------------------------------------------------------- requests
+    def _prompt_ids(self, prompt, messages, tools) -> list[int]:
+        if (prompt is None) == (messages is None):
+            raise InvalidRequestError("pass exactly one of prompt= or messages=")
+        if messages is not None:
+            return self.encode_chat(messages, tools=tools)
+        if isinstance(prompt, str):
+            return self.tokenize(prompt, add_special=True, parse_special=True)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)
+        raise InvalidRequestError("prompt must be a str or a list of token ids")
+
+    def submit(self, prompt: str | Sequence[int] | None = None, *, messages: Sequence[Message] | None = None,
+               sampling: SamplingParams | None = None, tools: list[dict] | None = None,
+               adapters: Sequence[tuple[int, float]] = (), logits_all: bool = False,
+               _notify: bool = False, **sampling_kw) -> Request:
+        """Queue a request and return at once; the engine batches it with the others."""
+        if sampling_kw:
+            sampling = replace(sampling or SamplingParams(), **sampling_kw)
+        sampling = sampling or SamplingParams()
+        ids = self._prompt_ids(prompt, messages, tools)
+        native = self._native.submit(ids, sampling.to_native(logits_all), [(int(a), float(s)) for a, s in adapters],
+                                     _notify)
+        return Request(native, self)
+
+    def generate(self, prompt=None, **kw) -> Completion:
+        return self.submit(prompt, **kw).result()
+
+    def stream(self, prompt=None, **kw) -> Iterator[StreamChunk]:
+        req = self.submit(prompt, **kw)
+        try:
+            yield from req
+        finally:
+            if not req._done:  # consumer stopped early: free the slot
+                req.cancel()
+
+    def _async_pump(self) -> _AsyncPump:
+        with self._pump_lock:
+            if self._pump is None:
+                self._pump = _AsyncPump(self._native)
+            return self._pump
+
+    async def astream(self, prompt=None, **kw) -> AsyncIterator[StreamChunk]:
+        pump = self._async_pump()
+        req = self.submit(prompt, _notify=True, **kw)
+        event = asyncio.Event()
+        pump.register(req.id, asyncio.get_running_loop(), event)
+        try:
+            while not req._done:
+                event.clear()
+                chunk = req._absorb(*req._native.take(0))
+                if chunk is not None:
+                    yield chunk
+                elif not req._done:
+                    await event.wait()
+            req._raise_if_failed()
+        except asyncio.CancelledError:
+            req.cancel()
+            raise
+        finally:
+            pump.unregister(req.id)
+            if not req._done:
+                req.cancel()
+
+    async def agenerate(self, prompt=None, **kw) -> Completion:
+        pump = self._async_pump()
+        req = self.submit(prompt, _notify=True, **kw)
+        event = asyncio.Event()
+        pump.register(req.id, asyncio.get_running_loop(), event)
+        try:
+            while not req._done:
+                event.clear()
+                if req._absorb(*req._native.take(0)) is None and not req._done:
+                    await event.wait()
+            return req._completion()
+        except asyncio.CancelledError:
+            req.cancel()
+            raise
+        finally:
+            pump.unregister(req.id)
+
+    # ---------------------------------------------------------------- adapters
+    def load_adapter(self, path: str | os.PathLike) -> int:
+        p = models.check_gguf(path) if os.path.exists(path) else None
+        if p is None:
+            from .errors import AdapterLoadError
+            raise AdapterLoadError(f"adapter file not found: {path}")
+        return self._native.load_adapter(str(p))
+
+    def unload_adapter(self, adapter_id: int) -> None:
+        self._native.unload_adapter(int(adapter_id))
+
+    def adapters(self) -> list[tuple[int, str]]:
+        return self._native.adapters()
+
+    # ---------------------------------------------------------------- lifecycle
+    def stats(self) -> dict:
+        return self._native.stats()
+
+    def close(self) -> None:
+        self._native.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._native.closed
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _native_close(native) -> None:
+    native.close()
+
+
+def route_llama_logs_to_logging(level: int = logging.WARNING) -> None:
+    """llama.cpp is silent by default; this forwards its lines to `logging`."""
+    ggml_to_logging = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR, 5: logging.DEBUG}
+    native_min = {logging.DEBUG: 1, logging.INFO: 2, logging.WARNING: 3, logging.ERROR: 4}.get(level, 3)
+    llama_log = logging.getLogger("mtllm_locally.llama_cpp")
+
+    def sink(lvl: int, text: str) -> None:
+        text = text.rstrip()
+        if text:
+            llama_log.log(ggml_to_logging.get(lvl, logging.INFO), text)
+
+    _engine.set_log_sink(sink, native_min)
+
+
+def silence_llama_logs() -> None:
+    _engine.set_log_sink(None)

