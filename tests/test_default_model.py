@@ -1,0 +1,45 @@
+"""Integration on the real embedded model (SmolLM2-135M), as served by default."""
+
+import asyncio
+
+from conftest import assert_all_greedy_equal
+from mtllm_locally import Engine, models
+
+
+def test_default_model_is_the_embedded_smollm2(default_engine):
+    info = default_engine.info
+    assert info.architecture == "llama"
+    assert info.n_vocab == 49152
+    assert "SmolLM2-135M-Instruct" in info.path
+    assert info.path.endswith("Q4_0.gguf")  # served in the fastest layout for the CPU
+
+
+def test_answers_a_simple_question(default_engine):
+    c = default_engine.generate(messages=[{"role": "user", "content": "What is the capital of France?"}],
+                                max_tokens=30)
+    assert "Paris" in c.text
+    assert c.finish_reason == "stop"
+
+
+def test_batched_equals_serial_on_real_model(default_engine):
+    prompts = [[{"role": "user", "content": f"Name a fruit that starts with the letter {ch}."}] for ch in "ABCDEFGH"]
+    serial = [default_engine.generate(messages=m, max_tokens=24).token_ids for m in prompts]
+    reqs = [default_engine.submit(messages=m, max_tokens=24) for m in prompts]
+    batched = [r.result().token_ids for r in reqs]
+    ids = [default_engine.encode_chat(m) for m in prompts]
+    assert_all_greedy_equal(default_engine, ids, batched, serial)
+
+
+def test_shared_system_prompt_is_reused(default_engine):
+    system = {"role": "system", "content": "You classify the sentiment of a sentence as positive or negative. " * 8}
+    outs = [default_engine.generate(messages=[system, {"role": "user", "content": s}], max_tokens=8)
+            for s in ("I love it.", "I hate it.", "Great day!")]
+    assert outs[0].cached_tokens < outs[1].cached_tokens
+    assert outs[1].cached_tokens > 0.8 * outs[1].prompt_tokens
+
+
+def test_original_q4_1_file_also_serves():
+    with Engine("default-q4_1", n_ctx=512) as eng:
+        assert eng.info.path == str(models.embedded_default_path())
+        c = asyncio.run(eng.agenerate(messages=[{"role": "user", "content": "Say hi."}], max_tokens=8))
+        assert c.completion_tokens > 0

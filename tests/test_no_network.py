@@ -1,0 +1,46 @@
+"""Private by construction: importing and serving opens no socket."""
+
+import subprocess
+import sys
+import textwrap
+
+
+def test_import_and_generate_open_no_socket(tiny_model_path):
+    code = textwrap.dedent(f"""
+        import socket
+        class NoNetwork(socket.socket):
+            def __init__(self, *a, **k):
+                raise AssertionError("socket opened")
+        socket.socket = NoNetwork
+        def refuse(*a, **k):
+            raise AssertionError("network call")
+        socket.create_connection = refuse
+        socket.getaddrinfo = refuse
+        import mtllm_locally
+        with mtllm_locally.Engine({tiny_model_path!r}) as eng:
+            out = eng.generate("hello", max_tokens=4, ignore_eos=True)
+            assert out.completion_tokens == 4
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+
+
+def test_no_socket_syscalls_under_strace_like_audit(tiny_model_path):
+    # sys.addaudithook sees every socket created from Python, including by dependencies.
+    code = textwrap.dedent(f"""
+        import sys
+        events = []
+        def hook(event, args):
+            if event.startswith("socket."):
+                events.append(event)
+        sys.addaudithook(hook)
+        import mtllm_locally
+        with mtllm_locally.Engine({tiny_model_path!r}) as eng:
+            eng.generate("hello", max_tokens=2, ignore_eos=True)
+        print(events)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
