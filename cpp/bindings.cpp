@@ -161,7 +161,8 @@ PYBIND11_MODULE(_engine, m) {
         .def_readwrite("max_queued", &EngineParams::max_queued)
         .def_readwrite("n_threads", &EngineParams::n_threads)
         .def_readwrite("prefix_reuse", &EngineParams::prefix_reuse)
-        .def_readwrite("flash_attn", &EngineParams::flash_attn);
+        .def_readwrite("flash_attn", &EngineParams::flash_attn)
+        .def_readwrite("kv_f32", &EngineParams::kv_f32);
 
     py::class_<Request, std::shared_ptr<Request>>(m, "Request")
         .def_property_readonly("id", [](const Request& r) { return r.id; })

@@ -58,6 +58,10 @@ Engine::Engine(std::shared_ptr<Model> model, const EngineParams& params)
     cp.no_perf = true;
     cp.flash_attn_type = params_.flash_attn < 0 ? LLAMA_FLASH_ATTN_TYPE_AUTO
                          : params_.flash_attn == 0 ? LLAMA_FLASH_ATTN_TYPE_DISABLED : LLAMA_FLASH_ATTN_TYPE_ENABLED;
+    if (params_.kv_f32) {
+        cp.type_k = GGML_TYPE_F32;
+        cp.type_v = GGML_TYPE_F32;
+    }
     log_clear_errors();
     ctx_ = llama_init_from_model(model_->get(), cp);
     if (!ctx_) throw ModelLoadError("cannot create a llama.cpp context: " + log_last_errors());

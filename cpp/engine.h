@@ -29,7 +29,8 @@ struct EngineParams {
     int max_queued = 1024;     // waiting requests beyond this are refused (OverloadedError)
     int n_threads = 0;         // 0 = all cores
     bool prefix_reuse = true;  // the KV is always one unified buffer: shared prefixes cost no copy
-    int flash_attn = -1;       // -1 auto, 0 off, 1 on
+    bool kv_f32 = false;       // float32 KV cache: 2x memory, batching-invariant to ~1e-5
+    int flash_attn = 0;        // -1 auto, 0 off (exact batching, see engine.py), 1 on
 };
 
 struct EngineStats {

@@ -105,7 +105,11 @@ class EngineConfig:
     max_queued: int = 1024       # queued requests beyond this raise OverloadedError
     n_threads: int = 0           # 0 = every core; set lower to leave room for training
     prefix_reuse: bool = True
-    flash_attn: bool | None = None  # None = llama.cpp decides
+    # Off: on CPU, llama.cpp's flash-attention kernel gives a request different logits
+    # (up to ~1.7 on SmolLM2) depending on what else shares its batch, which breaks
+    # "batched == alone"; without it results are bit-identical and speed is equal here.
+    flash_attn: bool | None = False  # None = llama.cpp decides
+    kv_f32: bool = False         # float32 KV: 2x KV memory; batched == alone to float32 rounding
     n_gpu_layers: int = 0        # needs a GPU build of llama.cpp (see README)
     use_mmap: bool = True
     fast_default: bool = True    # serve the embedded model as Q4_0 (see models.py)
@@ -275,7 +279,7 @@ class Engine:
         mp.use_mmap = config.use_mmap
         self._model = _engine.Model(str(path), mp)
         ep = _engine.EngineParams()
-        for name in ("n_ctx", "n_batch", "max_running", "cache_sequences", "max_queued", "n_threads", "prefix_reuse"):
+        for name in ("n_ctx", "n_batch", "max_running", "cache_sequences", "max_queued", "n_threads", "prefix_reuse", "kv_f32"):
             setattr(ep, name, getattr(config, name))
         ep.flash_attn = -1 if config.flash_attn is None else int(config.flash_attn)
         self._native = _engine.Engine(self._model, ep)
