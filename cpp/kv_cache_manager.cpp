@@ -32,18 +32,23 @@ bool KvCacheManager::acquire(const std::vector<llama_token>& tokens, const std::
         }
     }
     ++clock_;
-    if (best >= 0 && !seqs_[size_t(best)].busy) {
-        Seq& q = seqs_[size_t(best)];
-        if (llama_memory_seq_rm(mem_, best, best_len, -1)) {
-            q.busy = true;
-            q.tokens.resize(size_t(best_len));
-            q.last_use = clock_;
-            plan->seq = best;
-            plan->n_reuse = best_len;
-            reused_tokens_ += best_len;
-            return true;
-        }
-    }
+    // Take an idle source over in place only when that loses none of its cache;
+    // otherwise share its prefix into another sequence (seq_cp shares cells, so it
+    // costs no KV) and keep the source for the next request of its kind.
+    auto take_in_place = [&](int s, int len) {
+        Seq& q = seqs_[size_t(s)];
+        if (!llama_memory_seq_rm(mem_, s, len, -1)) return false;
+        q.busy = true;
+        q.tokens.resize(size_t(len));
+        q.last_use = clock_;
+        plan->seq = s;
+        plan->n_reuse = len;
+        reused_tokens_ += len;
+        return true;
+    };
+    if (best >= 0 && !seqs_[size_t(best)].busy && int(seqs_[size_t(best)].tokens.size()) <= best_len &&
+        take_in_place(best, best_len))
+        return true;
     // Take a free sequence: an empty one first, else the least recently used cache.
     int pick = -1;
     for (int s = 0; s < n_seq(); ++s) {
@@ -55,7 +60,10 @@ bool KvCacheManager::acquire(const std::vector<llama_token>& tokens, const std::
                       (q.tokens.empty() == p.tokens.empty() && q.last_use < p.last_use);
         if (better) pick = s;
     }
-    if (pick < 0) return false;
+    if (pick < 0) {
+        // No other sequence is free: reuse the idle source itself, losing its tail.
+        return best >= 0 && !seqs_[size_t(best)].busy && take_in_place(best, best_len);
+    }
     Seq& q = seqs_[size_t(pick)];
     llama_memory_seq_rm(mem_, pick, -1, -1);
     q.tokens.clear();

@@ -1,0 +1,14 @@
+# The two commands of the README. Both set everything up first (idempotent).
+.PHONY: setup bench test clean
+
+setup:
+	@scripts/setup.sh
+
+bench: setup
+	.venv/bin/python -m mtllm_locally.bench inference
+
+test: setup
+	.venv/bin/python -m pytest -q tests
+
+clean:
+	rm -rf .venv build dist

@@ -1,0 +1,29 @@
+import argparse
+import json
+import sys
+
+from . import inference
+
+SECTIONS = {"inference": inference.run}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mtllm_locally.bench", description=__doc__)
+    ap.add_argument("section", nargs="?", default="inference", choices=sorted(SECTIONS))
+    ap.add_argument("--json", action="store_true", help="print one JSON object (ratios included) and nothing else")
+    ap.add_argument("--quick", action="store_true", help="fewer tokens and rounds (smoke test)")
+    args = ap.parse_args(argv)
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
+    result = SECTIONS[args.section](quick=args.quick, log=log)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print("\nratios:")
+        for k, v in result["ratios"].items():
+            goal = result.get("goals", {}).get(k, "")
+            print(f"  {k:28s} {v:8.2f}   {goal}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

