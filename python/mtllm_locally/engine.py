@@ -22,6 +22,8 @@ from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 from . import _engine, models
 from .chat import ChatTemplate
 from .errors import (
+    AdapterLoadError,
+    ModelLoadError,
     ContextOverflowError,
     EngineClosedError,
     EngineError,
@@ -407,10 +409,12 @@ class Engine:
 
     # ---------------------------------------------------------------- adapters
     def load_adapter(self, path: str | os.PathLike) -> int:
-        p = models.check_gguf(path) if os.path.exists(path) else None
-        if p is None:
-            from .errors import AdapterLoadError
-            raise AdapterLoadError(f"adapter file not found: {path}")
+        """Load a GGUF LoRA adapter into the running engine; returns its id. Ids are
+        never reused, so a reloaded file is a new version with its own prefix cache."""
+        try:
+            p = models.check_gguf(path)
+        except ModelLoadError as e:
+            raise AdapterLoadError(str(e).replace("model file", "adapter file")) from None
         return self._native.load_adapter(str(p))
 
     def unload_adapter(self, adapter_id: int) -> None:
