@@ -201,7 +201,9 @@ PYBIND11_MODULE(_engine, m) {
                  return make_gil_free_deleting(new Engine(std::move(model), p));
              }), py::arg("model"), py::arg("params") = EngineParams())
         .def("submit", &Engine::submit, py::arg("prompt"), py::arg("params"), py::arg("adapters") = AdapterSet{},
-             py::arg("notify") = false, py::call_guard<py::gil_scoped_release>())
+             py::arg("notify") = false, py::arg("constraint_kind") = "", py::arg("constraint_data") = "",
+             py::call_guard<py::gil_scoped_release>())
+        .def("set_guidance_library", &Engine::set_guidance_library, py::arg("path"))
         .def("close", &Engine::close, py::call_guard<py::gil_scoped_release>())
         .def_property_readonly("closed", &Engine::closed)
         .def("wait_ready", &Engine::wait_ready, py::arg("timeout_ms"), py::call_guard<py::gil_scoped_release>())

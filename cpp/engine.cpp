@@ -92,8 +92,15 @@ void Engine::close() {
     if (worker_.joinable()) worker_.join();
 }
 
+void Engine::set_guidance_library(const std::string& path) {
+    std::lock_guard<std::mutex> lock(guidance_mu_);
+    if (path != guidance_path_) guidance_.reset();
+    guidance_path_ = path;
+}
+
 std::shared_ptr<Request> Engine::submit(std::vector<llama_token> prompt, const SamplingParams& params,
-                                        const AdapterSet& adapters, bool notify) {
+                                        const AdapterSet& adapters, bool notify,
+                                        const std::string& constraint_kind, const std::string& constraint_data) {
     if (prompt.empty()) throw InvalidRequestError("prompt is empty");
     const int n_vocab = model_->n_vocab();
     for (llama_token t : prompt)
@@ -114,6 +121,17 @@ std::shared_ptr<Request> Engine::submit(std::vector<llama_token> prompt, const S
     r->stream = std::make_unique<TextStream>(params.stop);
     r->t_submit_us = now_us();
     r->stats.prompt_tokens = int(r->prompt.size());
+    if (!constraint_kind.empty()) {
+        std::shared_ptr<GuidanceTokenizer> tok;
+        {
+            std::lock_guard<std::mutex> lock(guidance_mu_);
+            if (guidance_path_.empty()) throw InvalidRequestError("constrained decoding needs the llguidance package");
+            if (!guidance_) guidance_ = std::make_shared<GuidanceTokenizer>(guidance_path_, model_);
+            tok = guidance_;
+        }
+        // Compiled here, in the caller's thread: a bad schema fails at submit.
+        r->constraint = std::make_unique<Constraint>(tok, constraint_kind, constraint_data);
+    }
     {
         std::lock_guard<std::mutex> lock(mu_);
         if (closed_) throw EngineClosedError("engine is closed");
@@ -247,6 +265,7 @@ void Engine::fail_all(const std::string& kind, const std::string& msg) {
 void Engine::build_sampler(Request* r) {
     const SamplingParams& p = r->params;
     llama_sampler* chain = llama_sampler_chain_init(llama_sampler_chain_default_params());
+    if (r->constraint) llama_sampler_chain_add(chain, constraint_sampler(r->constraint.get()));
     if (p.repeat_penalty != 1.0f)
         llama_sampler_chain_add(chain, llama_sampler_init_penalties(model_->n_vocab(), p.repeat_last_n, p.repeat_penalty, 0.0f, 0.0f));
     if (p.temperature <= 0.0f) {
@@ -377,6 +396,7 @@ void Engine::sample_next(Request* r, int batch_index) {
     std::string text = r->stream->push(model_->token_piece(tok, false), &stopped);
     deliver(r, text, {tok}, false);
     if (stopped) finish(r, "stop");
+    else if (r->constraint && r->constraint->finished()) finish(r, "stop");  // grammar complete
     else if (r->n_generated >= r->params.max_tokens) finish(r, "length");
     else if (int(r->tokens.size()) >= n_ctx_) finish(r, "length");
 }

@@ -60,7 +60,10 @@ public:
     Engine& operator=(const Engine&) = delete;
 
     std::shared_ptr<Request> submit(std::vector<llama_token> prompt, const SamplingParams& params,
-                                    const AdapterSet& adapters, bool notify);
+                                    const AdapterSet& adapters, bool notify,
+                                    const std::string& constraint_kind = "", const std::string& constraint_data = "");
+    // Where llguidance's shared library is (found by the Python layer); loaded on first use.
+    void set_guidance_library(const std::string& path);
     void close();
     bool closed() const { return closed_.load(); }
 
@@ -126,6 +129,10 @@ private:
     std::mutex ready_mu_;
     std::condition_variable ready_cv_;
     std::vector<uint64_t> ready_;
+
+    std::mutex guidance_mu_;
+    std::string guidance_path_;
+    std::shared_ptr<GuidanceTokenizer> guidance_;
 
     mutable std::mutex stats_mu_;
     EngineStats stats_;

@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "constraint.h"
 #include "llama.h"
 #include "text_stream.h"
 
@@ -59,6 +60,7 @@ struct Request {
     AdapterSet adapters;
     std::string key;                // adapter_key(adapters)
     bool notify_engine = false;     // report in Engine::wait_ready (asyncio pump)
+    std::unique_ptr<Constraint> constraint;  // grammar the output must follow, if any
     int64_t t_submit_us = 0;
 
     // --- scheduler thread only ---

@@ -19,7 +19,7 @@ import weakref
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
-from . import _engine, models
+from . import _engine, constraints, models
 from .chat import ChatTemplate
 from .errors import (
     AdapterLoadError,
@@ -286,6 +286,7 @@ class Engine:
         ep.flash_attn = -1 if config.flash_attn is None else int(config.flash_attn)
         self._native = _engine.Engine(self._model, ep)
         self._pump: _AsyncPump | None = None
+        self._guidance_set = False
         self._pump_lock = threading.Lock()
         m = self._model
         self.info = ModelInfo(
@@ -341,14 +342,27 @@ class Engine:
     def submit(self, prompt: str | Sequence[int] | None = None, *, messages: Sequence[Message] | None = None,
                sampling: SamplingParams | None = None, tools: list[dict] | None = None,
                adapters: Sequence[tuple[int, float]] = (), logits_all: bool = False,
-               _notify: bool = False, **sampling_kw) -> Request:
-        """Queue a request and return at once; the engine batches it with the others."""
+               response_format: Mapping[str, Any] | None = None, tool_choice: Any = "auto",
+               grammar: constraints.Grammar | None = None, _notify: bool = False, **sampling_kw) -> Request:
+        """Queue a request and return at once; the engine batches it with the others.
+
+        Output constraints (at most one): `response_format` (OpenAI: json_schema or
+        json_object), `tools` with `tool_choice` (a well-formed call of one of them),
+        or an explicit `grammar` (json_schema, regex or lark)."""
         if sampling_kw:
             sampling = replace(sampling or SamplingParams(), **sampling_kw)
         sampling = sampling or SamplingParams()
         ids = self._prompt_ids(prompt, messages, tools)
+        chosen = [g for g in (grammar, constraints.from_response_format(response_format),
+                              constraints.from_tools(tools, tool_choice)) if g is not None]
+        if len(chosen) > 1:
+            raise InvalidRequestError("pass only one of grammar=, response_format= and tools=")
+        kind, data = (chosen[0].kind, chosen[0].data) if chosen else ("", "")
+        if kind and not self._guidance_set:
+            self._native.set_guidance_library(constraints.guidance_library())
+            self._guidance_set = True
         native = self._native.submit(ids, sampling.to_native(logits_all), [(int(a), float(s)) for a, s in adapters],
-                                     _notify)
+                                     _notify, kind, data)
         return Request(native, self)
 
     def generate(self, prompt=None, **kw) -> Completion:
