@@ -228,6 +228,8 @@ PYBIND11_MODULE(_engine, m) {
                  d["waiting"] = s.waiting;
                  d["cached_sequences"] = s.cached_sequences;
                  d["decode_ms"] = s.decode_ms;
+                 d["adapter_switches"] = s.adapter_switches;
+                 d["adapter_switch_ms"] = s.adapter_switch_ms;
                  return d;
              })
         .def_property_readonly("n_ctx", &Engine::n_ctx)

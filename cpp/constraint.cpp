@@ -47,6 +47,7 @@ struct GuidanceApi {
     int32_t (*matcher_compute_mask_into)(LlgMatcher*, uint32_t*, size_t);
     int32_t (*matcher_consume_token)(LlgMatcher*, uint32_t);
     bool (*matcher_is_stopped)(const LlgMatcher*);
+    int32_t (*matcher_compute_ff_tokens)(LlgMatcher*, uint32_t*, size_t);
     void (*free_matcher)(LlgMatcher*);
 };
 
@@ -78,6 +79,7 @@ std::shared_ptr<GuidanceApi> load_api(const std::string& path) {
     resolve(h, "llg_matcher_compute_mask_into", &api->matcher_compute_mask_into);
     resolve(h, "llg_matcher_consume_token", &api->matcher_consume_token);
     resolve(h, "llg_matcher_is_stopped", &api->matcher_is_stopped);
+    resolve(h, "llg_matcher_compute_ff_tokens", &api->matcher_compute_ff_tokens);
     resolve(h, "llg_free_matcher", &api->free_matcher);
     cached = api;
     cached_path = path;
@@ -114,6 +116,7 @@ GuidanceTokenizer::GuidanceTokenizer(const std::string& library_path, std::share
     init.token_lens = lens.data();
     init.token_bytes = reinterpret_cast<const uint8_t*>(bytes.data());
     init.tokenize_fn = tokenize_cb;
+    init.tokenize_assumes_string = true;  // llama_tokenize turns invalid UTF-8 into U+FFFD
     init.tokenize_user_data = model_.get();
     char err[1024] = {0};
     tok_ = api_->new_tokenizer(&init, err, sizeof(err));
@@ -158,6 +161,17 @@ void Constraint::mask(llama_token_data_array* cur) {
 }
 
 bool Constraint::accept(llama_token token) { return tok_->api().matcher_consume_token(matcher_, uint32_t(token)) == 0; }
+
+std::vector<llama_token> Constraint::take_forced() {
+    uint32_t buf[256];
+    int32_t n = tok_->api().matcher_compute_ff_tokens(matcher_, buf, 256);
+    std::vector<llama_token> out;
+    for (int32_t i = 0; i < n; ++i) {
+        if (tok_->api().matcher_consume_token(matcher_, buf[i]) != 0) break;
+        out.push_back(llama_token(buf[i]));
+    }
+    return out;
+}
 
 bool Constraint::finished() const { return tok_->api().matcher_is_stopped(matcher_); }
 

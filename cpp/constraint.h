@@ -46,6 +46,9 @@ public:
     void mask(llama_token_data_array* cur);  // disallowed tokens get -inf
     bool accept(llama_token token);          // false: the grammar rejected it (engine bug)
     bool finished() const;                   // only end-of-sequence can follow
+    // Tokens the grammar forces next (e.g. the rest of `{"name":`): consumed here, so
+    // the engine appends them without sampling and computes them in one step.
+    std::vector<llama_token> take_forced();
     const char* error() const;
 
 private:

@@ -315,8 +315,12 @@ int Engine::execute(const StepPlan& plan) {
                 scales.push_back(scale);
             }
         }
+        int64_t t_switch = now_us();
         if (llama_set_adapters_lora(ctx_, ptrs.data(), ptrs.size(), scales.data()) != 0) return -100;
         current_adapter_key_ = plan.adapter_key;
+        std::lock_guard<std::mutex> lock(stats_mu_);
+        stats_.adapter_switches++;
+        stats_.adapter_switch_ms += double(now_us() - t_switch) / 1000.0;
     }
     batch_.n_tokens = 0;
     for (const ScheduledSlice& s : plan.slices) {
@@ -391,14 +395,31 @@ void Engine::sample_next(Request* r, int batch_index) {
         finish(r, "stop");
         return;
     }
-    r->tokens.push_back(tok);
-    bool stopped = false;
-    std::string text = r->stream->push(model_->token_piece(tok, false), &stopped);
-    deliver(r, text, {tok}, false);
-    if (stopped) finish(r, "stop");
-    else if (r->constraint && r->constraint->finished()) finish(r, "stop");  // grammar complete
-    else if (r->n_generated >= r->params.max_tokens) finish(r, "length");
-    else if (int(r->tokens.size()) >= n_ctx_) finish(r, "length");
+    // A sampled token, then any tokens the grammar forces after it (appended without
+    // sampling; the scheduler computes them as one multi-token slice next step).
+    std::vector<llama_token> forced;
+    for (size_t i = 0;; ++i) {
+        llama_token t = i == 0 ? tok : forced[i - 1];
+        if (i > 0) {
+            r->n_generated++;
+            std::lock_guard<std::mutex> lock(stats_mu_);
+            stats_.tokens_generated++;
+        }
+        r->tokens.push_back(t);
+        bool stopped = false;
+        std::string text = r->stream->push(model_->token_piece(t, false), &stopped);
+        deliver(r, text, {t}, false);
+        if (stopped) return finish(r, "stop");
+        if (r->n_generated >= r->params.max_tokens) return finish(r, "length");
+        if (int(r->tokens.size()) >= n_ctx_) return finish(r, "length");
+        if (i == 0 && r->constraint) forced = r->constraint->take_forced();
+        if (i < forced.size()) continue;
+        // The grammar's state is past every forced token only now.
+        if (r->constraint && r->constraint->error())
+            return finish(r, "error", "EngineError", std::string("constraint failed: ") + r->constraint->error());
+        if (r->constraint && r->constraint->finished()) return finish(r, "stop");  // grammar complete
+        break;
+    }
 }
 
 void Engine::update(const StepPlan& plan) {

@@ -45,6 +45,8 @@ struct EngineStats {
     int waiting = 0;
     int cached_sequences = 0;
     double decode_ms = 0;
+    uint64_t adapter_switches = 0;
+    double adapter_switch_ms = 0;  // time in llama_set_adapters_lora
 };
 
 struct AdapterInfo {

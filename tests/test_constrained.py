@@ -4,6 +4,7 @@ The tiny model has random weights, so nothing but the grammar makes its output
 valid JSON: a strong test of the constraint."""
 
 import json
+import os
 
 import jsonschema
 import pytest
@@ -78,7 +79,8 @@ def byllm_enum_members(schema):
     return schema
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("MTLLM_HYPOTHESIS_EXAMPLES", "30")), deadline=None, derandomize=not os.environ.get("MTLLM_HYPOTHESIS_EXAMPLES"),
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(schema=schemas, seed=st.integers(0, 2**31 - 1), temperature=st.sampled_from([0.0, 1.0]))
 def test_random_schemas_always_validate(tiny_engine, schema, seed, temperature):
     schema = wrap_like_byllm(schema)

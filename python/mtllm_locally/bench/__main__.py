@@ -2,9 +2,9 @@ import argparse
 import json
 import sys
 
-from . import inference
+from . import adapters, inference
 
-SECTIONS = {"inference": inference.run}
+SECTIONS = {"inference": inference.run, "adapters": adapters.run}
 
 
 def main(argv=None) -> int:

@@ -41,6 +41,10 @@ def _threads() -> int:
 def _their_runs(model: str, prompts: list[str], max_tokens: int, n_ctx: int = 2048) -> dict:
     job = {"model": model, "n_ctx": n_ctx, "n_threads": _threads(),
            "runs": [{"prompt": p, "max_tokens": max_tokens} for p in prompts]}
+    return run_worker(job)
+
+
+def run_worker(job: dict) -> dict:
     proc = subprocess.run([sys.executable, "-m", "mtllm_locally.bench.llama_cpp_python_worker"],
                           input=json.dumps(job), capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
