@@ -90,6 +90,7 @@ void Engine::close() {
     stop_ = true;
     cv_.notify_all();
     if (worker_.joinable()) worker_.join();
+    ready_cv_.notify_all();  // wake the asyncio pump so it can exit
 }
 
 void Engine::set_guidance_library(const std::string& path) {

@@ -16,7 +16,7 @@ def tiny_model_path(tmp_path_factory):
 def tiny_engine(tiny_model_path):
     from mtllm_locally import Engine
 
-    eng = Engine(tiny_model_path, n_ctx=1024, max_running=16, cache_sequences=8)
+    eng = Engine(tiny_model_path, flash_attn=False, n_ctx=1024, max_running=16, cache_sequences=8)
     yield eng
     eng.close()
 

@@ -15,7 +15,7 @@ PROMPTS = [f"Shared system text for every function. Task {i % 5}: input {i}" for
 
 @pytest.fixture(scope="module")
 def reference(tiny_model_path):
-    with Engine(tiny_model_path, prefix_reuse=False, max_running=1) as eng:
+    with Engine(tiny_model_path, flash_attn=False, prefix_reuse=False, max_running=1) as eng:
         return {p: eng.generate(p, max_tokens=16, ignore_eos=True).token_ids for p in PROMPTS}
 
 
@@ -66,7 +66,7 @@ async def test_async_cancellation_frees_the_engine(tiny_engine):
 def test_small_kv_cache_evicts_and_preempts_without_changing_output(tiny_model_path, reference):
     # 256 cells for 12 concurrent sequences of ~40 tokens: caches must be evicted
     # and running requests preempted and recomputed.
-    with Engine(tiny_model_path, n_ctx=256, max_running=12, cache_sequences=4) as eng:
+    with Engine(tiny_model_path, flash_attn=False, n_ctx=256, max_running=12, cache_sequences=4) as eng:
         reqs = [eng.submit(p, max_tokens=16, ignore_eos=True) for p in PROMPTS[:24]]
         outs = [r.result(timeout=120).token_ids for r in reqs]
         stats = eng.stats()

@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import assert_all_greedy_equal
+from conftest import assert_all_greedy_equal, assert_greedy_equal
 from mtllm_locally import (ContextOverflowError, Engine, EngineClosedError, InvalidRequestError,
                            OverloadedError, SamplingParams)
 
@@ -26,7 +26,7 @@ def test_greedy_is_deterministic(tiny_engine):
 
 
 def test_batched_equals_one_at_a_time(tiny_model_path):
-    with Engine(tiny_model_path, prefix_reuse=False) as eng:
+    with Engine(tiny_model_path, flash_attn=False, prefix_reuse=False) as eng:
         serial = [greedy(eng, p).token_ids for p in PROMPTS]
         reqs = [eng.submit(p, max_tokens=24, ignore_eos=True) for p in PROMPTS]
         batched = [r.result().token_ids for r in reqs]
@@ -37,9 +37,9 @@ def test_batched_equals_one_at_a_time(tiny_model_path):
 def test_prefix_reuse_changes_nothing_but_cost(tiny_model_path):
     system = "You are a careful classifier. " * 20
     prompts = [system + f"Input {i}: item number {i}" for i in range(6)]
-    with Engine(tiny_model_path, prefix_reuse=False) as cold:
+    with Engine(tiny_model_path, flash_attn=False, prefix_reuse=False) as cold:
         expected = [greedy(cold, p).token_ids for p in prompts]
-    with Engine(tiny_model_path, prefix_reuse=True) as warm:
+    with Engine(tiny_model_path, flash_attn=False, prefix_reuse=True) as warm:
         got = [greedy(warm, p) for p in prompts]
         concurrent = [r.result() for r in [warm.submit(p, max_tokens=24, ignore_eos=True) for p in prompts]]
         assert_all_greedy_equal(warm, prompts, [c.token_ids for c in got], expected)
@@ -54,7 +54,7 @@ def test_prefix_reuse_of_an_entire_prompt_still_generates(tiny_engine):
     first = greedy(tiny_engine, PROMPTS[3])
     again = greedy(tiny_engine, PROMPTS[3])
     assert again.cached_tokens == again.prompt_tokens - 1  # all but the last token
-    assert again.token_ids == first.token_ids
+    assert_greedy_equal(tiny_engine, PROMPTS[3], again.token_ids, first.token_ids)
 
 
 def test_streaming_equals_non_streaming(tiny_engine):
@@ -151,7 +151,7 @@ def test_stream_closed_early_cancels(tiny_engine):
 
 
 def test_generation_stops_at_context_end(tiny_model_path):
-    with Engine(tiny_model_path, n_ctx=64) as eng:
+    with Engine(tiny_model_path, flash_attn=False, n_ctx=64) as eng:
         ids = eng.tokenize(PROMPTS[0])
         c = eng.generate(ids, max_tokens=1000, ignore_eos=True)
         assert c.finish_reason == "length"
@@ -179,7 +179,7 @@ def test_bad_prompts(tiny_engine):
 
 
 def test_prompt_longer_than_context(tiny_model_path):
-    with Engine(tiny_model_path, n_ctx=32) as eng:
+    with Engine(tiny_model_path, flash_attn=False, n_ctx=32) as eng:
         with pytest.raises(ContextOverflowError, match=f"context holds {eng.n_ctx}"):
             eng.generate("word " * (eng.n_ctx + 10))
         # the engine still works afterwards
@@ -187,7 +187,7 @@ def test_prompt_longer_than_context(tiny_model_path):
 
 
 def test_overload_is_an_error_not_a_hang(tiny_model_path):
-    with Engine(tiny_model_path, max_running=1, max_queued=2) as eng:
+    with Engine(tiny_model_path, flash_attn=False, max_running=1, max_queued=2) as eng:
         reqs, refused = [], 0
         for i in range(20):
             try:
@@ -200,7 +200,7 @@ def test_overload_is_an_error_not_a_hang(tiny_model_path):
 
 
 def test_closed_engine(tiny_model_path):
-    eng = Engine(tiny_model_path)
+    eng = Engine(tiny_model_path, flash_attn=False)
     pending = eng.submit(PROMPTS[0], max_tokens=5000 // 10, ignore_eos=True)
     eng.close()
     with pytest.raises(EngineClosedError):

@@ -11,6 +11,7 @@ in flight — from any thread or asyncio task — into shared llama_decode calls
 from __future__ import annotations
 
 import asyncio
+import atexit
 import logging
 import math
 import os
@@ -248,6 +249,10 @@ class _AsyncPump:
         with self._lock:
             self._waiters.pop(rid, None)
 
+    def join(self, timeout: float) -> None:
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
     def _run(self):
         while not self._native.closed:
             ids = self._native.wait_ready(100)
@@ -297,6 +302,7 @@ class Engine:
         self.chat_template = ChatTemplate(self.info.chat_template, bos_token=self.info.bos_token,
                                           eos_token=self.info.eos_token)
         weakref.finalize(self, _native_close, self._native)
+        _LIVE_ENGINES.add(self)
 
     # ---------------------------------------------------------------- model
     def _piece(self, tok: int) -> str:
@@ -443,6 +449,10 @@ class Engine:
 
     def close(self) -> None:
         self._native.close()
+        # The pump must leave native code before the interpreter finalizes, or its
+        # return into Python from a daemon thread would abort the process.
+        if self._pump is not None:
+            self._pump.join(timeout=5)
 
     @property
     def closed(self) -> bool:
@@ -457,6 +467,15 @@ class Engine:
 
 def _native_close(native) -> None:
     native.close()
+
+
+_LIVE_ENGINES: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_engines() -> None:
+    for eng in list(_LIVE_ENGINES):
+        eng.close()
 
 
 def route_llama_logs_to_logging(level: int = logging.WARNING) -> None:
