@@ -1,0 +1,330 @@
+"""LiteLLM custom provider `mtllm_locally/<model>`: OpenAI-style chat completions
+served in-process by the shared engine. byllm's `Model(model_name=
+"mtllm_locally/default")` reaches it through `litellm.completion` unchanged.
+
+<model> is `default` (the embedded SmolLM2), `default-q4_1`, or a GGUF path.
+
+Honoured: messages (string or text parts; system/user/assistant/tool roles; prior
+tool calls and tool results), temperature, top_p, top_k, min_p, max_tokens /
+max_completion_tokens, stop, seed, n, response_format (json_schema, json_object),
+tools + tool_choice, stream. Ignored (accepted, no effect): user, metadata,
+stream_options, parallel_tool_calls (one call per turn), timeout, api_key, api_base.
+Anything else raises InvalidRequestError (as a 400), never a silent misbehaviour.
+
+Typed calls (response_format or tools) are decoded greedily by default: byllm sends
+temperature=0.7 even where a program asked for 0.0, and a 135M model's typed answers
+get worse with sampling. `settings.typed_temperature` (global) and
+`settings.task_temperature[task]` (per Jac function) change it; the temperature
+actually used is returned in the response's provider_specific_fields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Iterator
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # before litellm is imported: no cost-map fetch
+
+import litellm  # noqa: E402
+from litellm import CustomLLM  # noqa: E402
+from litellm.llms.custom_llm import CustomLLMError  # noqa: E402
+from litellm.types.utils import ChatCompletionMessageToolCall, Choices, Function, Message, ModelResponse, Usage  # noqa: E402
+
+from .. import errors  # noqa: E402
+from ..engine import Completion, SamplingParams  # noqa: E402
+from .engines import shared_engine  # noqa: E402
+
+PROVIDER = "mtllm_locally"
+SAMPLING_KEYS = {"temperature", "top_p", "top_k", "min_p", "seed", "stop", "repeat_penalty"}
+IGNORED_KEYS = {"user", "metadata", "stream_options", "parallel_tool_calls", "timeout", "api_key", "api_base",
+                "extra_body", "extra_headers", "max_retries", "drop_params", "stream"}
+
+
+@dataclass
+class Settings:
+    typed_temperature: float | None = 0.0   # None = honour the request's temperature
+    task_temperature: dict[str, float] = field(default_factory=dict)
+
+
+settings = Settings()
+
+
+def _status(e: Exception) -> int:
+    if isinstance(e, errors.OverloadedError):
+        return 429
+    if isinstance(e, (errors.InvalidRequestError, errors.ContextOverflowError, errors.TemplateError,
+                      errors.AdapterLoadError)):
+        return 400
+    if isinstance(e, errors.ModelLoadError):
+        return 404
+    return 500
+
+
+def _tool_call_text(call: dict) -> str:
+    fn = call.get("function", {})
+    args = fn.get("arguments", "{}")
+    try:
+        args = json.loads(args) if isinstance(args, str) else args
+    except json.JSONDecodeError:
+        pass
+    return json.dumps({"name": fn.get("name"), "arguments": args})
+
+
+def normalize_messages(messages: list[dict], tools: list | None, template_source: str) -> list[dict]:
+    """Make OpenAI tool traffic readable by templates that know only role + content:
+    prior tool calls become the JSON the model emits, and the tools are described in
+    the system message when the template cannot render them."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if m.get("role") == "assistant" and m.get("tool_calls") and "tool_calls" not in template_source:
+            text = "\n".join(_tool_call_text(c) for c in m["tool_calls"])
+            m["content"] = ((m.get("content") or "") + ("\n" if m.get("content") else "") + text)
+            m.pop("tool_calls")
+        if m.get("role") == "tool" and "tool" not in template_source:
+            m = {"role": "user", "content": f"Tool result ({m.get('name') or m.get('tool_call_id', '')}): "
+                                            f"{m.get('content') if isinstance(m.get('content'), str) else json.dumps(m.get('content'))}"}
+        out.append(m)
+    if tools and "tools" not in template_source:
+        desc = "\n".join(json.dumps({"name": t["function"]["name"], "description": t["function"].get("description", ""),
+                                     "parameters": t["function"].get("parameters", {})}) for t in tools)
+        note = ("You can call one of these tools by answering with a JSON object "
+                '{"name": <tool name>, "arguments": {...}}:\n' + desc)
+        if out and out[0].get("role") == "system":
+            out[0] = dict(out[0], content=f"{out[0].get('content') or ''}\n\n{note}")
+        else:
+            out.insert(0, {"role": "system", "content": note})
+    return out
+
+
+@dataclass
+class Call:
+    model: str
+    messages: list
+    kw: dict
+    n: int
+    tools: list | None
+    temperature: float
+
+
+def prepare(model: str, messages: list, optional_params: dict, litellm_params: dict | None) -> Call:
+    params = dict(optional_params or {})
+    tools = params.pop("tools", None)
+    tool_choice = params.pop("tool_choice", "auto")
+    response_format = params.pop("response_format", None)
+    n = int(params.pop("n", 1) or 1)
+    if n < 1:
+        raise errors.InvalidRequestError("n must be >= 1")
+    kw: dict[str, Any] = {}
+    max_tokens = params.pop("max_completion_tokens", None) or params.pop("max_tokens", None)
+    params.pop("max_tokens", None)
+    if max_tokens is not None:
+        kw["max_tokens"] = int(max_tokens)
+    for key in ("frequency_penalty", "presence_penalty"):
+        v = params.pop(key, 0) or 0
+        if v:
+            raise errors.InvalidRequestError(f"{key} is not supported (use repeat_penalty)")
+    for key in ("logprobs", "top_logprobs", "logit_bias", "functions", "function_call", "audio", "modalities",
+                "prediction", "reasoning_effort", "web_search_options"):
+        if params.pop(key, None):
+            raise errors.InvalidRequestError(f"parameter {key!r} is not supported by mtllm_locally")
+    for key in SAMPLING_KEYS:
+        if key in params and params[key] is not None:
+            kw[key] = params.pop(key)
+    if isinstance(kw.get("stop"), str):
+        kw["stop"] = (kw["stop"],)
+    elif kw.get("stop") is not None:
+        kw["stop"] = tuple(kw["stop"])
+    for key in list(params):
+        if key in IGNORED_KEYS:
+            params.pop(key)
+    if params:
+        raise errors.InvalidRequestError(f"unsupported parameters for mtllm_locally: {sorted(params)}")
+    typed = bool(response_format) or bool(tools and tool_choice != "none")
+    task = ((litellm_params or {}).get("metadata") or {}).get("jac_caller_name")
+    temperature = float(kw.get("temperature", 0.0) if kw.get("temperature") is not None else 0.0)
+    if task in settings.task_temperature:
+        temperature = settings.task_temperature[task]
+    elif typed and settings.typed_temperature is not None:
+        temperature = settings.typed_temperature
+    kw["temperature"] = temperature
+    kw["response_format"] = response_format
+    if tools:
+        kw["tools"] = tools
+        kw["tool_choice"] = tool_choice
+    return Call(model=model, messages=messages, kw=kw, n=n, tools=tools, temperature=temperature)
+
+
+def _submit(call: Call, i: int, notify: bool = False):
+    eng = shared_engine(call.model)
+    msgs = normalize_messages(call.messages, call.tools, eng.chat_template.source)
+    kw = dict(call.kw)
+    if i > 0 and kw.get("seed") is not None:
+        kw["seed"] = (kw["seed"] + i) % (2**32 - 1)
+    # Tools are described in the system message (normalize_messages); the template
+    # gets them too when it can render them.
+    tools = kw.pop("tools", None)
+    tool_choice = kw.pop("tool_choice", "auto")
+    return eng, eng.submit(messages=msgs, tools=tools, tool_choice=tool_choice, _notify=notify, **kw)
+
+
+def _tool_calls(text: str, tools: list | None) -> list[dict] | None:
+    if not tools or not text.startswith("{"):
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict) or "name" not in obj or "arguments" not in obj:
+        return None
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": obj["name"], "arguments": json.dumps(obj["arguments"])}}]
+
+
+def build_response(model_response: ModelResponse, model: str, call: Call, completions: list[Completion]) -> ModelResponse:
+    choices = []
+    for i, c in enumerate(completions):
+        calls = _tool_calls(c.text, call.tools)
+        if calls:
+            msg = Message(content=None, role="assistant",
+                          tool_calls=[ChatCompletionMessageToolCall(id=tc["id"], type="function",
+                                                                    function=Function(**tc["function"])) for tc in calls])
+            finish = "tool_calls"
+        else:
+            msg = Message(content=c.text, role="assistant")
+            finish = c.finish_reason if c.finish_reason in ("stop", "length") else "stop"
+        choices.append(Choices(index=i, message=msg, finish_reason=finish))
+    model_response.choices = choices
+    model_response.model = f"{PROVIDER}/{model}"
+    model_response.created = int(time.time())
+    prompt_tokens = completions[0].prompt_tokens
+    completion_tokens = sum(c.completion_tokens for c in completions)
+    model_response.usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                 total_tokens=prompt_tokens + completion_tokens)
+    model_response._hidden_params["mtllm_locally"] = {
+        "temperature": call.temperature, "cached_tokens": completions[0].cached_tokens,
+        "timings": completions[0].timings}
+    return model_response
+
+
+def _raise(e: Exception):
+    raise CustomLLMError(status_code=_status(e), message=f"{type(e).__name__}: {e}") from e
+
+
+class MtllmLocallyLLM(CustomLLM):
+    def completion(self, model, messages, api_base, custom_prompt_dict, model_response, print_verbose, encoding,
+                   api_key, logging_obj, optional_params, acompletion=None, litellm_params=None, logger_fn=None,
+                   headers={}, timeout=None, client=None) -> ModelResponse:
+        try:
+            call = prepare(model, messages, optional_params, litellm_params)
+            reqs = [_submit(call, i)[1] for i in range(call.n)]
+            return build_response(model_response, model, call, [r.result() for r in reqs])
+        except errors.MtllmError as e:
+            _raise(e)
+
+    async def acompletion(self, model, messages, api_base, custom_prompt_dict, model_response, print_verbose,
+                          encoding, api_key, logging_obj, optional_params, acompletion=None, litellm_params=None,
+                          logger_fn=None, headers={}, timeout=None, client=None) -> ModelResponse:
+        try:
+            call = prepare(model, messages, optional_params, litellm_params)
+            eng = shared_engine(model)
+            outs = await asyncio.gather(*[self._agen(call, i) for i in range(call.n)])
+            return build_response(model_response, model, call, list(outs))
+        except errors.MtllmError as e:
+            _raise(e)
+
+    async def _agen(self, call: Call, i: int) -> Completion:
+        eng = shared_engine(call.model)
+        msgs = normalize_messages(call.messages, call.tools, eng.chat_template.source)
+        kw = dict(call.kw)
+        tools, tool_choice = kw.pop("tools", None), kw.pop("tool_choice", "auto")
+        if i > 0 and kw.get("seed") is not None:
+            kw["seed"] = (kw["seed"] + i) % (2**32 - 1)
+        return await eng.agenerate(messages=msgs, tools=tools, tool_choice=tool_choice, **kw)
+
+    def streaming(self, model, messages, api_base, custom_prompt_dict, model_response, print_verbose, encoding,
+                  api_key, logging_obj, optional_params, acompletion=None, litellm_params=None, logger_fn=None,
+                  headers={}, timeout=None, client=None) -> Iterator[dict]:
+        try:
+            call = prepare(model, messages, optional_params, litellm_params)
+            if call.n != 1:
+                raise errors.InvalidRequestError("n > 1 is not supported with stream=True")
+            _, req = _submit(call, 0)
+        except errors.MtllmError as e:
+            _raise(e)
+        text = []
+        try:
+            for chunk in req:
+                text.append(chunk.text)
+                if not call.tools:  # a tool call is sent whole at the end
+                    yield _chunk(chunk.text)
+            yield _final(call, req.result(), "".join(text))
+        except errors.MtllmError as e:
+            _raise(e)
+        finally:
+            if not req._done:
+                req.cancel()
+
+    async def astreaming(self, model, messages, api_base, custom_prompt_dict, model_response, print_verbose,
+                         encoding, api_key, logging_obj, optional_params, acompletion=None, litellm_params=None,
+                         logger_fn=None, headers={}, timeout=None, client=None) -> AsyncIterator[dict]:
+        try:
+            call = prepare(model, messages, optional_params, litellm_params)
+            if call.n != 1:
+                raise errors.InvalidRequestError("n > 1 is not supported with stream=True")
+            eng = shared_engine(model)
+            msgs = normalize_messages(call.messages, call.tools, eng.chat_template.source)
+            kw = dict(call.kw)
+            tools, tool_choice = kw.pop("tools", None), kw.pop("tool_choice", "auto")
+            text = []
+            prompt_tokens = len(eng.encode_chat(msgs))
+            async for chunk in eng.astream(messages=msgs, tools=tools, tool_choice=tool_choice, **kw):
+                text.append(chunk.text)
+                if not call.tools:
+                    yield _chunk(chunk.text)
+            full = "".join(text)
+            done = Completion(text=full, finish_reason="stop", token_ids=[], prompt_tokens=prompt_tokens,
+                              cached_tokens=0, completion_tokens=len(eng.tokenize(full, add_special=False)) if full else 0)
+            yield _final(call, done, full)
+        except errors.MtllmError as e:
+            _raise(e)
+
+
+def _chunk(text: str) -> dict:
+    return {"text": text, "tool_use": None, "is_finished": False, "finish_reason": "", "usage": None, "index": 0}
+
+
+def _final(call: Call, c: Completion, text: str) -> dict:
+    usage = {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
+             "total_tokens": c.prompt_tokens + c.completion_tokens}
+    calls = _tool_calls(text, call.tools)
+    if calls:
+        tc = calls[0]
+        return {"text": "", "tool_use": {"id": tc["id"], "type": "function", "index": 0,
+                                         "function": {"name": tc["function"]["name"],
+                                                      "arguments": tc["function"]["arguments"]}},
+                "is_finished": True, "finish_reason": "tool_calls", "usage": usage, "index": 0}
+    first = "" if not call.tools else text  # tool-less text of a tools request was held back
+    return {"text": first, "tool_use": None, "is_finished": True,
+            "finish_reason": c.finish_reason if c.finish_reason in ("stop", "length") else "stop",
+            "usage": usage, "index": 0}
+
+
+handler = MtllmLocallyLLM()
+
+
+def register() -> None:
+    """Idempotent: make `mtllm_locally/<model>` a LiteLLM provider."""
+    if not any(item.get("provider") == PROVIDER for item in litellm.custom_provider_map):
+        litellm.custom_provider_map.append({"provider": PROVIDER, "custom_handler": handler})
+    from litellm.utils import custom_llm_setup
+
+    custom_llm_setup()
+
+
+register()
