@@ -37,6 +37,7 @@ from litellm.types.utils import ChatCompletionMessageToolCall, Choices, Function
 
 from .. import errors  # noqa: E402
 from ..engine import Completion, SamplingParams  # noqa: E402
+from . import recorder  # noqa: E402
 from .engines import shared_engine  # noqa: E402
 
 PROVIDER = "mtllm_locally"
@@ -110,6 +111,8 @@ class Call:
     n: int
     tools: list | None
     temperature: float
+    metadata: dict | None = None
+    started: float = field(default_factory=time.perf_counter)
 
 
 def prepare(model: str, messages: list, optional_params: dict, litellm_params: dict | None) -> Call:
@@ -157,7 +160,18 @@ def prepare(model: str, messages: list, optional_params: dict, litellm_params: d
     if tools:
         kw["tools"] = tools
         kw["tool_choice"] = tool_choice
-    return Call(model=model, messages=messages, kw=kw, n=n, tools=tools, temperature=temperature)
+    return Call(model=model, messages=messages, kw=kw, n=n, tools=tools, temperature=temperature,
+                metadata=(litellm_params or {}).get("metadata"))
+
+
+def capture(call: Call, c: Completion, text: str) -> None:
+    calls = _tool_calls(text, call.tools)
+    recorder.record_turn(
+        metadata=call.metadata, model=f"{PROVIDER}/{call.model}", messages=call.messages,
+        response_format=call.kw.get("response_format"), tools=call.tools, output_text=None if calls else text,
+        tool_calls=calls, finish_reason="tool_calls" if calls else c.finish_reason,
+        latency_ms=1000 * (time.perf_counter() - call.started), prompt_tokens=c.prompt_tokens,
+        completion_tokens=c.completion_tokens, cached_tokens=c.cached_tokens, temperature=call.temperature)
 
 
 def _submit(call: Call, i: int, notify: bool = False):
@@ -206,6 +220,7 @@ def build_response(model_response: ModelResponse, model: str, call: Call, comple
     completion_tokens = sum(c.completion_tokens for c in completions)
     model_response.usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                                  total_tokens=prompt_tokens + completion_tokens)
+    capture(call, completions[0], completions[0].text)
     model_response._hidden_params["mtllm_locally"] = {
         "temperature": call.temperature, "cached_tokens": completions[0].cached_tokens,
         "timings": completions[0].timings}
@@ -263,7 +278,9 @@ class MtllmLocallyLLM(CustomLLM):
                 text.append(chunk.text)
                 if not call.tools:  # a tool call is sent whole at the end
                     yield _chunk(chunk.text)
-            yield _final(call, req.result(), "".join(text))
+            done = req.result()
+            capture(call, done, done.text)
+            yield _final(call, done, done.text)
         except errors.MtllmError as e:
             _raise(e)
         finally:
@@ -290,6 +307,7 @@ class MtllmLocallyLLM(CustomLLM):
             full = "".join(text)
             done = Completion(text=full, finish_reason="stop", token_ids=[], prompt_tokens=prompt_tokens,
                               cached_tokens=0, completion_tokens=len(eng.tokenize(full, add_special=False)) if full else 0)
+            capture(call, done, full)
             yield _final(call, done, full)
         except errors.MtllmError as e:
             _raise(e)

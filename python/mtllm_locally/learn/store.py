@@ -1,0 +1,229 @@
+"""The call store: every `by llm()` call, its model turns, and feedback, in SQLite.
+
+Serve writes, learn reads. WAL mode so a running program and a trainer (or several
+programs) share one file; the schema is versioned and migrated forward in a
+transaction, and a store written by a newer version is refused rather than
+damaged. The file is readable by its owner only: prompts are private data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from ..errors import MtllmError
+
+
+class StoreError(MtllmError):
+    """The store cannot be opened or is from a newer version."""
+
+
+MIGRATIONS: list[str] = [
+    # v1
+    """
+    CREATE TABLE calls (
+        invocation_id   TEXT PRIMARY KEY,
+        task_key        TEXT NOT NULL,
+        function        TEXT,
+        created_at      REAL NOT NULL,
+        model           TEXT,
+        adapter         TEXT,
+        inputs_json     TEXT,
+        output_text     TEXT,
+        accepted        INTEGER,            -- NULL: unknown (not called through byllm)
+        error           TEXT,
+        latency_ms      REAL,
+        prompt_tokens   INTEGER DEFAULT 0,
+        completion_tokens INTEGER DEFAULT 0,
+        temperature     REAL,
+        n_turns         INTEGER DEFAULT 0
+    );
+    CREATE INDEX calls_task ON calls(task_key, created_at);
+    CREATE TABLE turns (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        invocation_id   TEXT NOT NULL REFERENCES calls(invocation_id),
+        turn_index      INTEGER NOT NULL,
+        created_at      REAL NOT NULL,
+        messages_json   TEXT NOT NULL,
+        response_format_json TEXT,
+        tools_json      TEXT,
+        output_text     TEXT,
+        tool_calls_json TEXT,
+        finish_reason   TEXT,
+        accepted        INTEGER,
+        latency_ms      REAL,
+        prompt_tokens   INTEGER,
+        completion_tokens INTEGER,
+        cached_tokens   INTEGER,
+        temperature     REAL,
+        model           TEXT,
+        adapter         TEXT
+    );
+    CREATE INDEX turns_call ON turns(invocation_id, turn_index);
+    CREATE TABLE feedback (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        invocation_id   TEXT NOT NULL,
+        created_at      REAL NOT NULL,
+        correct         INTEGER,
+        score           REAL,
+        corrected_output TEXT,
+        note            TEXT
+    );
+    CREATE INDEX feedback_call ON feedback(invocation_id);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def default_path() -> Path:
+    """Per project: ./.mtllm_locally/calls.sqlite3, or $MTLLM_LOCALLY_STORE."""
+    env = os.environ.get("MTLLM_LOCALLY_STORE")
+    return Path(env) if env else Path.cwd() / ".mtllm_locally" / "calls.sqlite3"
+
+
+def _dumps(v: Any) -> str | None:
+    return None if v is None else json.dumps(v, default=repr, ensure_ascii=False)
+
+
+class Store:
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path is not None else default_path()
+        self._lock = threading.Lock()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if not self.path.exists():
+                os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))
+            self._db = sqlite3.connect(str(self.path), check_same_thread=False, timeout=30, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA busy_timeout=30000")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+            for suffix in ("", "-wal", "-shm"):
+                p = Path(str(self.path) + suffix)
+                if p.exists():
+                    os.chmod(p, 0o600)
+        except sqlite3.DatabaseError as e:
+            raise StoreError(f"cannot open call store {self.path}: {e}") from e
+
+    # ------------------------------------------------------------------ schema
+    def _migrate(self) -> None:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+                row = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+                version = int(row[0]) if row else 0
+                if version > SCHEMA_VERSION:
+                    raise StoreError(f"call store {self.path} has schema v{version}, newer than this "
+                                     f"mtllm_locally (v{SCHEMA_VERSION}); upgrade instead of downgrading")
+                for v in range(version, SCHEMA_VERSION):
+                    for stmt in MIGRATIONS[v].split(";"):
+                        if stmt.strip():
+                            self._db.execute(stmt)
+                self._db.execute("INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def schema_version(self) -> int:
+        return int(self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
+
+    # ------------------------------------------------------------------ writes
+    def record_turn(self, *, invocation_id: str, task_key: str, function: str | None, model: str,
+                    messages: list, response_format: Any = None, tools: Any = None, output_text: str | None,
+                    tool_calls: Any = None, finish_reason: str | None, latency_ms: float, prompt_tokens: int,
+                    completion_tokens: int, cached_tokens: int = 0, temperature: float | None = None,
+                    adapter: str | None = None) -> None:
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT INTO calls (invocation_id, task_key, function, created_at, model, adapter) "
+                    "VALUES (?,?,?,?,?,?) ON CONFLICT(invocation_id) DO NOTHING",
+                    (invocation_id, task_key, function, now, model, adapter))
+                (n,) = self._db.execute("SELECT n_turns FROM calls WHERE invocation_id=?", (invocation_id,)).fetchone()
+                self._db.execute(
+                    "INSERT INTO turns (invocation_id, turn_index, created_at, messages_json, response_format_json, "
+                    "tools_json, output_text, tool_calls_json, finish_reason, latency_ms, prompt_tokens, "
+                    "completion_tokens, cached_tokens, temperature, model, adapter) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                    (invocation_id, n, now, _dumps(messages), _dumps(response_format), _dumps(tools), output_text,
+                     _dumps(tool_calls), finish_reason, latency_ms, prompt_tokens, completion_tokens, cached_tokens,
+                     temperature, model, adapter))
+                self._db.execute(
+                    "UPDATE calls SET n_turns=n_turns+1, output_text=?, latency_ms=COALESCE(latency_ms,0)+?, "
+                    "prompt_tokens=prompt_tokens+?, completion_tokens=completion_tokens+?, temperature=?, model=?, "
+                    "adapter=? WHERE invocation_id=?",
+                    (output_text if output_text is not None else _dumps(tool_calls), latency_ms, prompt_tokens,
+                     completion_tokens, temperature, model, adapter, invocation_id))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def finish_call(self, invocation_id: str, *, accepted: bool, inputs: Any = None, function: str | None = None,
+                    error: str | None = None) -> None:
+        """byllm's verdict: the last turn is accepted or not; earlier turns of a call
+        that needed a retry were rejected."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "UPDATE calls SET accepted=?, inputs_json=COALESCE(?, inputs_json), "
+                    "function=COALESCE(?, function), error=? WHERE invocation_id=?",
+                    (int(accepted), _dumps(inputs), function, error, invocation_id))
+                last = self._db.execute("SELECT MAX(turn_index) FROM turns WHERE invocation_id=?",
+                                        (invocation_id,)).fetchone()[0]
+                if last is not None:
+                    self._db.execute("UPDATE turns SET accepted=0 WHERE invocation_id=? AND turn_index<? "
+                                     "AND finish_reason!='tool_calls'", (invocation_id, last))
+                    self._db.execute("UPDATE turns SET accepted=? WHERE invocation_id=? AND turn_index=?",
+                                     (int(accepted), invocation_id, last))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def add_feedback(self, invocation_id: str, *, correct: bool | None = None, score: float | None = None,
+                     corrected_output: Any = None, note: str | None = None) -> None:
+        if correct is None and score is None and corrected_output is None:
+            raise ValueError("feedback needs correct=, score= or corrected_output=")
+        with self._lock:
+            if not self._db.execute("SELECT 1 FROM calls WHERE invocation_id=?", (invocation_id,)).fetchone():
+                raise KeyError(f"no call with invocation id {invocation_id!r}")
+            text = corrected_output if isinstance(corrected_output, str) or corrected_output is None \
+                else _dumps(corrected_output)
+            self._db.execute("INSERT INTO feedback (invocation_id, created_at, correct, score, corrected_output, note) "
+                             "VALUES (?,?,?,?,?,?)",
+                             (invocation_id, time.time(), None if correct is None else int(correct), score, text, note))
+
+    # ------------------------------------------------------------------ reads
+    def calls(self, task_key: str | None = None, limit: int = 1000) -> list[dict]:
+        q = "SELECT * FROM calls" + (" WHERE task_key=?" if task_key else "") + " ORDER BY created_at LIMIT ?"
+        args: Iterable = (task_key, limit) if task_key else (limit,)
+        with self._lock:
+            cur = self._db.execute(q, tuple(args))
+            cols = [c[0] for c in cur.description]
+            return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+    def turns(self, invocation_id: str) -> list[dict]:
+        with self._lock:
+            cur = self._db.execute("SELECT * FROM turns WHERE invocation_id=? ORDER BY turn_index", (invocation_id,))
+            cols = [c[0] for c in cur.description]
+            return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+    def feedback(self, invocation_id: str) -> list[dict]:
+        with self._lock:
+            cur = self._db.execute("SELECT * FROM feedback WHERE invocation_id=? ORDER BY id", (invocation_id,))
+            cols = [c[0] for c in cur.description]
+            return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
