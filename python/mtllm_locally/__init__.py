@@ -27,3 +27,4 @@ from .engine import (
     route_llama_logs_to_logging,
     silence_llama_logs,
 )
+from .serve.recorder import feedback

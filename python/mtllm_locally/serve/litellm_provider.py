@@ -11,6 +11,10 @@ tools + tool_choice, stream. Ignored (accepted, no effect): user, metadata,
 stream_options, parallel_tool_calls (one call per turn), timeout, api_key, api_base.
 Anything else raises InvalidRequestError (as a 400), never a silent misbehaviour.
 
+With byllm's ReAct tools (a `finish_tool` among them) and tool_choice unset or
+`auto`, every turn must be a tool call (byllm's own protocol says so); a repeated
+identical call, or `settings.max_tool_turns` calls, makes the next turn finish_tool.
+
 Typed calls (response_format or tools) are decoded greedily by default: byllm sends
 temperature=0.7 even where a program asked for 0.0, and a 135M model's typed answers
 get worse with sampling. `settings.typed_temperature` (global) and
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 import uuid
@@ -50,6 +55,7 @@ IGNORED_KEYS = {"user", "metadata", "stream_options", "parallel_tool_calls", "ti
 class Settings:
     typed_temperature: float | None = 0.0   # None = honour the request's temperature
     task_temperature: dict[str, float] = field(default_factory=dict)
+    max_tool_turns: int = 8                  # ReAct: after this many tool calls, finish_tool
 
 
 settings = Settings()
@@ -115,12 +121,46 @@ class Call:
     started: float = field(default_factory=time.perf_counter)
 
 
+def _plain(messages: list) -> list[dict]:
+    """LiteLLM/pydantic message objects -> plain dicts (what templates and the store take)."""
+    def enc(o):
+        return o.model_dump(exclude_none=True) if hasattr(o, "model_dump") else str(o)
+    return json.loads(json.dumps(list(messages), default=enc))
+
+
+def _react_loop_guard(messages: list[dict], tools: list, tool_choice: Any, max_tool_turns: int) -> Any:
+    """A small model in byllm's ReAct loop can call the same tool with the same
+    arguments forever (we measured 190+ turns of get_temperature("Paris"), the prompt
+    growing past 7k tokens). Once it repeats a call it already has the result of, or
+    after `max_tool_turns` calls, the next turn must be finish_tool."""
+    if not any((t.get("function") or {}).get("name") == "finish_tool" for t in tools if isinstance(t, dict)):
+        return tool_choice
+    seen, repeated, turns = set(), False, 0
+    for m in messages:
+        for call in m.get("tool_calls") or [] if m.get("role") == "assistant" else []:
+            fn = call.get("function") or {}
+            args = fn.get("arguments")
+            try:
+                args = json.dumps(json.loads(args) if isinstance(args, str) else args, sort_keys=True)
+            except (json.JSONDecodeError, TypeError):
+                pass
+            key = (fn.get("name"), args)
+            repeated = key in seen
+            seen.add(key)
+            turns += 1
+    if repeated or turns >= max_tool_turns:
+        return {"type": "function", "function": {"name": "finish_tool"}}
+    return tool_choice
+
+
 def prepare(model: str, messages: list, optional_params: dict, litellm_params: dict | None) -> Call:
+    messages = _plain(messages)
     params = dict(optional_params or {})
     tools = params.pop("tools", None)
     tool_choice = params.pop("tool_choice", "auto")
     response_format = params.pop("response_format", None)
-    n = int(params.pop("n", 1) or 1)
+    n = params.pop("n", None)
+    n = 1 if n is None else int(n)
     if n < 1:
         raise errors.InvalidRequestError("n must be >= 1")
     kw: dict[str, Any] = {}
@@ -148,6 +188,13 @@ def prepare(model: str, messages: list, optional_params: dict, litellm_params: d
             params.pop(key)
     if params:
         raise errors.InvalidRequestError(f"unsupported parameters for mtllm_locally: {sorted(params)}")
+    if tools and tool_choice in (None, "auto") and any(
+            (t.get("function") or {}).get("name") == "finish_tool" for t in tools if isinstance(t, dict)):
+        # byllm's ReAct protocol: "only use tools ... always call finish_tool". A small
+        # model drifts into prose under `auto`, so we hold it to a call every turn.
+        tool_choice = "required"
+    if tools:
+        tool_choice = _react_loop_guard(messages, tools, tool_choice, settings.max_tool_turns)
     typed = bool(response_format) or bool(tools and tool_choice != "none")
     task = ((litellm_params or {}).get("metadata") or {}).get("jac_caller_name")
     temperature = float(kw.get("temperature", 0.0) if kw.get("temperature") is not None else 0.0)
@@ -338,6 +385,8 @@ handler = MtllmLocallyLLM()
 
 def register() -> None:
     """Idempotent: make `mtllm_locally/<model>` a LiteLLM provider."""
+    litellm.suppress_debug_info = True
+    logging.getLogger("LiteLLM").setLevel(logging.WARNING)
     if not any(item.get("provider") == PROVIDER for item in litellm.custom_provider_map):
         litellm.custom_provider_map.append({"provider": PROVIDER, "custom_handler": handler})
     from litellm.utils import custom_llm_setup
