@@ -1,0 +1,119 @@
+"""Real Jac programs, unchanged, through `jac run` on the default model — with
+every socket blocked, to prove nothing reaches the network."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mtllm_locally.learn.store import Store
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+JAC = Path(sys.executable).with_name("jac")
+
+NO_NETWORK = textwrap.dedent("""
+    import socket
+    def _refuse(*a, **k):
+        raise OSError("network blocked by the mtllm_locally test")
+    socket.socket.connect = _refuse
+    socket.socket.connect_ex = _refuse
+    socket.create_connection = _refuse
+    socket.getaddrinfo = _refuse
+""")
+
+
+def jac_run(program: Path, workdir: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+    blocker = workdir / "_offline"
+    blocker.mkdir(exist_ok=True)
+    (blocker / "sitecustomize.py").write_text(NO_NETWORK)
+    env = dict(os.environ, PYTHONPATH=str(blocker), **(env_extra or {}))
+    env.pop("LITELLM_LOCAL_MODEL_COST_MAP", None)  # our provider must set it itself
+    shutil.copy(program, workdir / program.name)
+    return subprocess.run([str(JAC), "run", program.name], cwd=workdir, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def classify_run(tmp_path_factory):
+    work = tmp_path_factory.mktemp("jac")
+    proc = jac_run(EXAMPLES / "classify.jac", work)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc, Store(work / ".mtllm_locally" / "calls.sqlite3")
+
+
+def test_typed_results_parse(classify_run):
+    proc, _ = classify_run
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("Sentiment.")
+    name, age = lines[1].rsplit(" ", 1)
+    assert name and int(age) >= 0
+    assert lines[2].startswith("[") and lines[2].endswith("]")
+
+
+def test_every_call_is_in_the_store(classify_run):
+    _, store = classify_run
+    calls = {c["function"]: c for c in store.calls()}
+    assert set(calls) == {"classify", "extract_person", "list_fruits"}
+    for fn, c in calls.items():
+        assert c["accepted"] == 1 and c["error"] is None
+        assert c["task_key"].startswith(fn + ":")
+        assert c["model"] == "mtllm_locally/default" and c["temperature"] == 0.0
+        assert c["prompt_tokens"] > 0 and c["completion_tokens"] > 0 and c["latency_ms"] > 0
+        (turn,) = store.turns(c["invocation_id"])
+        assert json.loads(turn["response_format_json"])["type"] == "json_schema"
+        json.loads(turn["output_text"])  # the raw output is valid JSON
+    assert json.loads(calls["extract_person"]["inputs_json"]) == {"text": "Bob is 42 years old and lives in Paris."}
+
+
+def test_method_and_react_tools(tmp_path):
+    proc = jac_run(EXAMPLES / "method_and_tools.jac", tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0] in ("True", "False")
+    assert lines[1]
+    store = Store(tmp_path / ".mtllm_locally" / "calls.sqlite3")
+    react = next(c for c in store.calls() if c["function"] == "warmest_city")
+    turns = store.turns(react["invocation_id"])
+    assert 2 <= len(turns) <= 9  # the loop guard ends it
+    assert all(t["finish_reason"] == "tool_calls" for t in turns)
+    assert json.loads(turns[-1]["tool_calls_json"])[0]["function"]["name"] == "finish_tool"
+    assert react["accepted"] == 1
+
+
+def test_jac_toml_default_model_and_feedback_from_jac(tmp_path):
+    (tmp_path / "jac.toml").write_text('[plugins.byllm.model]\ndefault_model = "mtllm_locally/default"\n')
+    prog = tmp_path / "src.jac"
+    prog.write_text(textwrap.dedent("""
+        import from mtllm_locally { feedback }
+        enum Color { RED, GREEN, BLUE }
+        def color_of(thing: str) -> Color by llm();
+        with entry {
+            c = color_of("a ripe tomato");
+            print(c);
+            print(feedback(correct=False, corrected_output="RED"));
+        }
+    """))
+    work = tmp_path / "run"
+    work.mkdir()
+    shutil.copy(tmp_path / "jac.toml", work / "jac.toml")
+    proc = jac_run(prog, work)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    color, inv = proc.stdout.strip().splitlines()[-2:]
+    assert color.startswith("Color.")
+    store = Store(work / ".mtllm_locally" / "calls.sqlite3")
+    (fb,) = store.feedback(inv)
+    assert fb["correct"] == 0 and fb["corrected_output"] == "RED"
+
+
+def test_broken_store_does_not_break_the_program(tmp_path):
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("a file where the store's folder should be")
+    proc = jac_run(EXAMPLES / "classify.jac", tmp_path, {"MTLLM_LOCALLY_STORE": str(blocked / "calls.sqlite3")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[0].startswith("Sentiment.")
+    assert "call capture failed" in proc.stderr
