@@ -4,7 +4,14 @@ import sys
 
 from . import adapters, inference
 
-SECTIONS = {"inference": inference.run, "adapters": adapters.run}
+
+def _jac(**kw):
+    from . import jac  # needs the jac extra
+
+    return jac.run(**kw)
+
+
+SECTIONS = {"inference": inference.run, "adapters": adapters.run, "jac": _jac}
 
 
 def main(argv=None) -> int:
