@@ -6,6 +6,8 @@ setup:
 
 bench: setup
 	.venv/bin/python -m mtllm_locally.bench inference
+	.venv/bin/python -m mtllm_locally.bench adapters
+	.venv/bin/python -m mtllm_locally.bench jac
 
 test: setup
 	.venv/bin/python -m pytest -q tests
