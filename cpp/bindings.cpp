@@ -105,7 +105,8 @@ PYBIND11_MODULE(_engine, m) {
         .def(py::init<>())
         .def_readwrite("n_gpu_layers", &ModelParams::n_gpu_layers)
         .def_readwrite("use_mmap", &ModelParams::use_mmap)
-        .def_readwrite("use_repack", &ModelParams::use_repack);
+        .def_readwrite("use_repack", &ModelParams::use_repack)
+        .def_readwrite("vocab_only", &ModelParams::vocab_only);
 
     py::class_<Model, std::shared_ptr<Model>>(m, "Model")
         .def(py::init([](const std::string& path, const ModelParams& p) {

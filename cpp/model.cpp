@@ -11,6 +11,7 @@ Model::Model(const std::string& path, const ModelParams& params) : path_(path) {
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = params.n_gpu_layers;
     mp.use_extra_bufts = params.use_repack;
+    mp.vocab_only = params.vocab_only;
     if (!params.use_mmap) mp.load_mode = LLAMA_LOAD_MODE_NONE;
     log_clear_errors();
     model_ = llama_model_load_from_file(path.c_str(), mp);

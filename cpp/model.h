@@ -14,6 +14,7 @@ struct ModelParams {
     int n_gpu_layers = 0;   // CPU by default; a GPU build of llama.cpp can offload
     bool use_mmap = true;   // weights paged in from the file, shared across processes
     bool use_repack = true; // llama.cpp's repacked CPU kernels (Q4_0 on AVX-512 etc.)
+    bool vocab_only = false; // tokenizer and metadata only (the trainer's tokenizer)
 };
 
 class Model {

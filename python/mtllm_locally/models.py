@@ -26,6 +26,7 @@ DEFAULT_ALIASES = ("default", "smollm2", "smollm2-135m")
 GGUF_MAGIC = b"GGUF"
 
 # llama_ftype values (llama.h)
+FTYPE_F32 = 0
 FTYPE_Q4_0 = 2
 FTYPE_Q8_0 = 7
 
@@ -66,7 +67,7 @@ def check_gguf(path: str | os.PathLike) -> Path:
 def converted_path(src: Path, ftype: int) -> Path:
     st = src.stat()
     tag = hashlib.sha256(f"{src.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    name = {FTYPE_Q4_0: "Q4_0", FTYPE_Q8_0: "Q8_0"}.get(ftype, f"ftype{ftype}")
+    name = {FTYPE_F32: "F32", FTYPE_Q4_0: "Q4_0", FTYPE_Q8_0: "Q8_0"}.get(ftype, f"ftype{ftype}")
     return cache_dir() / "models" / f"{src.stem}.{tag}.{name}.gguf"
 
 

@@ -1,0 +1,228 @@
+"""A Llama in torch built from exactly the GGUF file the engine serves.
+
+We read the GGUF with the `gguf` package and dequantize its tensors ourselves rather
+than going through transformers' GGUF loader: the weights are then bit-for-bit the
+served ones (no re-download, no config lookup on a hub), the model is a page of code
+(nanoGPT-style), and its module names follow Hugging Face's LlamaForCausalLM
+(`model.layers.N.self_attn.q_proj`, ...) so PEFT targets and saves it exactly as it
+would the HF model. GGUF stores q/k rows permuted for llama.cpp's RoPE; we undo that
+here and redo it on export (export.py).
+
+Architectures: llama (TinyLlama, SmolLM, Llama 2/3.x, Mistral-style GQA). Others raise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import InvalidRequestError, ModelLoadError
+
+SUPPORTED_ARCHS = ("llama",)
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    n_vocab: int
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_ff: int
+    n_ctx: int
+    rope_base: float
+    rms_eps: float
+    tied_embeddings: bool
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+
+def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp interleaved-pair rows -> HF rotate-half rows (inverse of convert_hf_to_gguf's permute)."""
+    return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    """HF rotate-half rows -> llama.cpp interleaved-pair rows."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, n: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x * self.weight.float()).to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.c = c
+        self.q_proj = nn.Linear(c.n_embd, c.n_head * c.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.n_embd, c.n_head_kv * c.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.n_embd, c.n_head_kv * c.head_dim, bias=False)
+        self.o_proj = nn.Linear(c.n_head * c.head_dim, c.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, mask):
+        B, T, _ = x.shape
+        c = self.c
+        q = self.q_proj(x).view(B, T, c.n_head, c.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, c.n_head_kv, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, c.n_head_kv, c.head_dim).transpose(1, 2)
+        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=c.n_head != c.n_head_kv)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def _rotate_half(x):
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class MLP(nn.Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.n_embd, c.n_ff, bias=False)
+        self.up_proj = nn.Linear(c.n_embd, c.n_ff, bias=False)
+        self.down_proj = nn.Linear(c.n_ff, c.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.n_embd, c.rms_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.n_embd, c.rms_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.n_vocab, c.n_embd)
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layer))
+        self.norm = RMSNorm(c.n_embd, c.rms_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.config = c
+        self.model = Backbone(c)
+        self.lm_head = nn.Linear(c.n_embd, c.n_vocab, bias=False)
+
+    def hidden_states(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Final hidden states (B, T, E); logits are computed by the caller only where needed."""
+        c = self.config
+        B, T = ids.shape
+        pos = torch.arange(T, device=ids.device)
+        inv = c.rope_base ** (-torch.arange(0, c.head_dim, 2, device=ids.device, dtype=torch.float32) / c.head_dim)
+        ang = pos[:, None].float() * inv[None, :]
+        cos = torch.cat([ang.cos(), ang.cos()], -1)[None, None]
+        sin = torch.cat([ang.sin(), ang.sin()], -1)[None, None]
+        causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
+        mask = causal[None, None] if attention_mask is None else causal[None, None] & attention_mask[:, None, None, :].bool()
+        x = self.model.embed_tokens(ids)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask)
+        return self.model.norm(x)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(ids)).float()
+
+
+def read_config(reader: gguf.GGUFReader) -> LlamaConfig:
+    def field(key, default=None):
+        f = reader.fields.get(key)
+        return f.contents() if f is not None else default
+
+    arch = field("general.architecture")
+    if arch not in SUPPORTED_ARCHS:
+        raise InvalidRequestError(f"cannot train architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHS)}")
+    names = {t.name for t in reader.tensors}
+    tokens = field("tokenizer.ggml.tokens") or []
+    n_embd = int(field(f"{arch}.embedding_length"))
+    n_head = int(field(f"{arch}.attention.head_count"))
+    rope_dim = int(field(f"{arch}.rope.dimension_count", n_embd // n_head))
+    if rope_dim != n_embd // n_head:
+        raise InvalidRequestError("partial RoPE is not supported by the trainer")
+    return LlamaConfig(
+        n_vocab=int(field(f"{arch}.vocab_size", len(tokens))), n_embd=n_embd, n_layer=int(field(f"{arch}.block_count")),
+        n_head=n_head, n_head_kv=int(field(f"{arch}.attention.head_count_kv", n_head)),
+        n_ff=int(field(f"{arch}.feed_forward_length")), n_ctx=int(field(f"{arch}.context_length")),
+        rope_base=float(field(f"{arch}.rope.freq_base", 10000.0)),
+        rms_eps=float(field(f"{arch}.attention.layer_norm_rms_epsilon")),
+        tied_embeddings="output.weight" not in names)
+
+
+def _tensor(t) -> np.ndarray:
+    arr = gguf.quants.dequantize(t.data, t.tensor_type)
+    return np.asarray(arr, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
+
+
+GGUF_TO_HF = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+HF_TO_GGUF = {v: k for k, v in GGUF_TO_HF.items()}
+
+
+def load_llama(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """Dequantize the GGUF at `path` into a torch model (HF layout and names)."""
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:
+        raise ModelLoadError(f"cannot read GGUF {path}: {e}") from e
+    c = read_config(reader)
+    model = LlamaForCausalLM(c)
+    sd = {}
+    for t in reader.tensors:
+        w = _tensor(t)
+        if t.name == "token_embd.weight":
+            sd["model.embed_tokens.weight"] = w
+        elif t.name == "output_norm.weight":
+            sd["model.norm.weight"] = w
+        elif t.name == "output.weight":
+            sd["lm_head.weight"] = w
+        elif t.name.startswith("blk."):
+            _, i, kind, _ = t.name.split(".", 3)
+            if kind == "attn_q":
+                w = unpermute_qk(w, c.n_head)
+            elif kind == "attn_k":
+                w = unpermute_qk(w, c.n_head_kv)
+            if kind not in GGUF_TO_HF:
+                raise InvalidRequestError(f"tensor {t.name} has no place in a Llama model")
+            sd[f"model.layers.{i}.{GGUF_TO_HF[kind]}.weight"] = w
+    if c.tied_embeddings:
+        sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    missing = set(model.state_dict()) - set(sd)
+    if missing:
+        raise InvalidRequestError(f"GGUF lacks tensors the trainer needs: {sorted(missing)[:5]}")
+    model.load_state_dict({k: torch.from_numpy(np.array(v, dtype=np.float32, copy=True)) for k, v in sd.items()})
+    model.requires_grad_(False)
+    return model.to(dtype)

@@ -1,0 +1,218 @@
+"""LoRA fine-tuning on exactly the served GGUF base, on CPU.
+
+    adapter = train(model_path, examples, TrainConfig(), out_dir)
+
+Examples are chat conversations: the prompt messages and the assistant completion
+the model should have produced. They are rendered with the engine's own chat
+template renderer and tokenized by the engine's own tokenizer (llama.cpp's), so
+training sees the tokens serving sees; the loss covers the completion and the
+end-of-turn token only. Speed on CPU comes from bf16 autocast (where the CPU has
+BF16), logits computed only at completion positions (the 49k-vocab head is most of
+a small model's compute), and length-bucketed batches; `threads` leaves cores to a
+serving process. Deterministic with a seed; `cancel` (a threading.Event) stops it
+cleanly and nothing is written.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+
+from .. import _engine, models
+from ..chat import ChatTemplate
+from ..errors import InvalidRequestError, MtllmError
+from . import export
+from .torch_llama import LlamaForCausalLM, load_llama
+
+
+class TrainingCancelled(MtllmError):
+    """Training was stopped on request; no adapter was written."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    rank: int = 8                 # enough for one function's behaviour; adapter stays ~2 MB on SmolLM2
+    alpha: float = 16.0           # alpha = 2r: the usual scale, stable at the learning rate below
+    target_modules: tuple[str, ...] = export.TARGET_MODULES
+    learning_rate: float = 1e-3   # LoRA on a 135M model tolerates a high rate; converges in ~2 epochs
+    epochs: int = 2
+    batch_size: int = 8
+    max_length: int = 1024        # examples longer than this are refused, not truncated
+    seed: int = 0
+    threads: int = 0              # 0 = torch's default (all cores)
+    bf16: bool | None = None      # None = when the CPU supports it
+    use_rslora: bool = False
+    weight_decay: float = 0.0
+
+    def __post_init__(self):
+        if self.rank < 1 or self.alpha <= 0 or self.learning_rate <= 0 or self.epochs < 1 or self.batch_size < 1:
+            raise InvalidRequestError(f"bad training config: {self}")
+
+
+@dataclass
+class TrainResult:
+    gguf_path: Path
+    peft_dir: Path
+    steps: int
+    tokens: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+@dataclass
+class Example:
+    prompt_ids: list[int]
+    completion_ids: list[int]
+
+
+class Tokenization:
+    """The engine's renderer and tokenizer, loaded without the weights."""
+
+    def __init__(self, model_path: str):
+        p = _engine.ModelParams()
+        p.vocab_only = True
+        self.model = _engine.Model(model_path, p)
+        piece = lambda t: self.model.token_piece(t, True).decode("utf-8", "replace") if t >= 0 else ""
+        self.template = ChatTemplate(self.model.chat_template, bos_token=piece(self.model.bos),
+                                     eos_token=piece(self.model.eos))
+        self.bos_text = piece(self.model.bos)
+        self.end = self.model.eot if self.model.eot >= 0 else self.model.eos
+
+    def prompt_ids(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        text = self.template.render(messages, add_generation_prompt=True)
+        add_bos = self.model.add_bos and not (self.bos_text and text.startswith(self.bos_text))
+        return self.model.tokenize(text, add_bos, True)
+
+    def example(self, messages, completion: str) -> Example:
+        return Example(self.prompt_ids(messages), self.model.tokenize(completion, False, False) + [self.end])
+
+
+def _bf16_available() -> bool:
+    try:
+        a = torch.ones(4, 4, dtype=torch.bfloat16)
+        return bool(torch.backends.mkldnn.is_available()) and (a @ a).dtype == torch.bfloat16
+    except Exception:
+        return False
+
+
+def _batches(examples: list[Example], batch_size: int, rng: random.Random) -> list[list[Example]]:
+    """Length buckets: similar lengths together (little padding), bucket order shuffled."""
+    order = sorted(range(len(examples)), key=lambda i: (len(examples[i].prompt_ids) + len(examples[i].completion_ids),
+                                                        rng.random()))
+    batches = [[examples[i] for i in order[k:k + batch_size]] for k in range(0, len(order), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def completion_loss(model: LlamaForCausalLM, batch: list[Example], pad_id: int = 0) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over completion tokens; logits only at those positions."""
+    seqs = [e.prompt_ids + e.completion_ids for e in batch]
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+    rows, cols, targets = [], [], []
+    for b, (e, s) in enumerate(zip(batch, seqs)):
+        ids[b, : len(s)] = torch.tensor(s)
+        mask[b, : len(s)] = True
+        start = len(e.prompt_ids) - 1  # the position whose next token is the first completion token
+        for j, tok in enumerate(e.completion_ids):
+            rows.append(b)
+            cols.append(start + j)
+            targets.append(tok)
+    h = model.hidden_states(ids, mask)
+    picked = h[torch.tensor(rows), torch.tensor(cols)]
+    logits = model.lm_head(picked).float()
+    return torch.nn.functional.cross_entropy(logits, torch.tensor(targets)), len(targets)
+
+
+def prepare_examples(tok: Tokenization, examples: Iterable[Mapping[str, Any]], max_length: int) -> list[Example]:
+    out = []
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, Mapping) or "messages" not in ex or "completion" not in ex:
+            raise InvalidRequestError(f"example {i} needs 'messages' and 'completion'")
+        e = tok.example(ex["messages"], str(ex["completion"]))
+        n = len(e.prompt_ids) + len(e.completion_ids)
+        if n > max_length:
+            raise InvalidRequestError(f"example {i} is {n} tokens, longer than max_length={max_length}")
+        out.append(e)
+    if len(out) < 2:
+        raise InvalidRequestError(f"need at least 2 training examples, got {len(out)}")
+    return out
+
+
+def train(model_path: str | Path | None, examples: Iterable[Mapping[str, Any]], config: TrainConfig,
+          out_dir: str | Path, *, cancel: threading.Event | None = None, progress: bool = True,
+          name: str = "adapter") -> TrainResult:
+    """Train a LoRA adapter for the served base at `model_path` (None = the default as served);
+    writes `<out_dir>/<name>.gguf` and `<out_dir>/<name>-peft/`."""
+    path = str(models.resolve(model_path) if model_path is None or isinstance(model_path, str) and
+               model_path in models.DEFAULT_ALIASES else models.check_gguf(model_path))
+    tok = Tokenization(path)
+    data = prepare_examples(tok, examples, config.max_length)
+    rng = random.Random(config.seed)
+    torch.manual_seed(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    use_bf16 = _bf16_available() if config.bf16 is None else config.bf16
+
+    from peft import LoraConfig, get_peft_model
+
+    base = load_llama(path)
+    lcfg = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.target_modules),
+                      lora_dropout=0.0, bias="none", use_rslora=config.use_rslora)
+    model = get_peft_model(base, lcfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    batches_per_epoch = math.ceil(len(data) / config.batch_size)
+    total = batches_per_epoch * config.epochs
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, total // 10)) *
+                                              max(0.0, 1 - s / total))
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="training", unit="step")
+    t0, tokens, losses, step = time.perf_counter(), 0, [], 0
+    model.train()
+    try:
+        for _epoch in range(config.epochs):
+            for batch in _batches(data, config.batch_size, rng):
+                if cancel is not None and cancel.is_set():
+                    raise TrainingCancelled("training cancelled; no adapter written")
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                    loss, n = completion_loss(model.base_model.model, batch)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                sched.step()
+                step += 1
+                tokens += sum(len(e.prompt_ids) + len(e.completion_ids) for e in batch)
+                losses.append(float(loss.detach()))
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - t0
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    weights = export.lora_weights(model)
+    meta = {"base": Path(path).name, "train_config": asdict(config), "steps": step, "final_loss": losses[-1]}
+    gguf_path = export.write_gguf_adapter(out / f"{name}.gguf", weights, base.config, config.alpha, config.rank,
+                                          config.use_rslora, metadata=meta)
+    peft_dir = export.write_peft_adapter(out / f"{name}-peft", weights, config.alpha, config.rank,
+                                         config.use_rslora, base_model=Path(path).name)
+    return TrainResult(gguf_path, peft_dir, step, tokens, seconds, losses)

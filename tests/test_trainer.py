@@ -1,0 +1,162 @@
+"""LoRA training on the served GGUF base, and its two export formats.
+
+The parity tests close the loop the engine's adapter tests opened: an adapter
+trained in torch, exported to GGUF, and loaded by llama.cpp computes the same
+logits as the torch PEFT model it came from."""
+
+import json
+import threading
+
+import gguf
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from mtllm_locally import Engine, InvalidRequestError, models  # noqa: E402
+from mtllm_locally.learn import export  # noqa: E402
+from mtllm_locally.learn.torch_llama import load_llama, read_config  # noqa: E402
+from mtllm_locally.learn.trainer import TrainConfig, Tokenization, TrainingCancelled, train  # noqa: E402
+
+EXAMPLES = [{"messages": [{"role": "user", "content": f"Classify item {i}: {['apple', 'sky', 'grass'][i % 3]}"}],
+             "completion": ["red", "blue", "green"][i % 3]} for i in range(24)]
+CFG = TrainConfig(epochs=2, batch_size=4, learning_rate=5e-3, bf16=False)
+
+
+def torch_peft_logits(base_path, peft_dir, ids):
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    conf = json.loads((peft_dir / "adapter_config.json").read_text())
+    model = get_peft_model(load_llama(base_path), LoraConfig(r=conf["r"], lora_alpha=conf["lora_alpha"],
+                                                              target_modules=conf["target_modules"], lora_dropout=0.0))
+    sd = {k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"): v
+          for k, v in load_file(str(peft_dir / "adapter_model.safetensors")).items()}
+    result = model.load_state_dict(sd, strict=False)
+    assert not result.unexpected_keys
+    with torch.no_grad():
+        lora = model.base_model.model(torch.tensor([ids]))[0].numpy()
+        with model.disable_adapter():
+            base = model.base_model.model(torch.tensor([ids]))[0].numpy()
+    return base, lora
+
+
+def engine_logits(eng, ids, adapters=()):
+    req = eng.submit(ids, max_tokens=1, logits_all=True, adapters=adapters)
+    req.result()
+    return req.logits()
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("adapters")
+    return train(tiny_model_path, EXAMPLES, CFG, out, progress=False)
+
+
+def rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def test_training_reduces_the_loss(trained):
+    assert trained.steps == 12
+    assert trained.losses[-1] < trained.losses[0] / 2
+    assert trained.tokens_per_second > 0
+
+
+def test_exported_gguf_adapter_matches_torch_peft(tiny_model_path, trained):
+    tok = Tokenization(tiny_model_path)
+    ids = tok.prompt_ids(EXAMPLES[4]["messages"])
+    base_t, lora_t = torch_peft_logits(tiny_model_path, trained.peft_dir, ids)
+    with Engine(tiny_model_path, flash_attn=False, kv_f32=True) as eng:
+        base_e = engine_logits(eng, ids)
+        lora_e = engine_logits(eng, ids, [(eng.load_adapter(trained.gguf_path), 1.0)])
+    assert np.abs(lora_t - base_t).max() > 1.0       # training changed the model
+    assert rel(base_e, base_t) < 1e-5                 # f32 everywhere: float rounding only
+    assert rel(lora_e, lora_t) < 1e-5                 # so the adapter path must be as exact
+
+
+def test_gguf_adapter_layout(trained, tiny_model_path):
+    r = gguf.GGUFReader(str(trained.gguf_path))
+    assert r.fields["general.type"].contents() == "adapter"
+    assert r.fields["adapter.type"].contents() == "lora"
+    assert r.fields["general.architecture"].contents() == "llama"
+    alpha = r.fields["adapter.lora.alpha"]
+    assert alpha.types[0] == gguf.GGUFValueType.FLOAT32 and alpha.contents() == CFG.alpha
+    shapes = {t.name: tuple(int(d) for d in reversed(t.shape)) for t in r.tensors}
+    c = read_config(gguf.GGUFReader(tiny_model_path))
+    assert shapes["blk.0.attn_q.weight.lora_a"] == (CFG.rank, c.n_embd)
+    assert shapes["blk.0.attn_q.weight.lora_b"] == (c.n_embd, CFG.rank)
+    assert shapes["blk.1.ffn_down.weight.lora_a"] == (CFG.rank, c.n_ff)
+    assert len(shapes) == 2 * 7 * c.n_layer
+
+
+def test_peft_adapter_files(trained):
+    conf = json.loads((trained.peft_dir / "adapter_config.json").read_text())
+    assert conf["peft_type"] == "LORA" and conf["r"] == CFG.rank and conf["lora_alpha"] == CFG.alpha
+    from safetensors import safe_open
+
+    with safe_open(str(trained.peft_dir / "adapter_model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in keys
+
+
+def test_deterministic_with_a_seed(tiny_model_path, tmp_path, trained):
+    again = train(tiny_model_path, EXAMPLES, CFG, tmp_path, progress=False)
+    a = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(trained.gguf_path)).tensors}
+    b = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(again.gguf_path)).tensors}
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_cancel_leaves_no_adapter(tiny_model_path, tmp_path):
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(TrainingCancelled):
+        train(tiny_model_path, EXAMPLES, CFG, tmp_path / "out", cancel=stop, progress=False)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_bad_input(tiny_model_path, tmp_path):
+    with pytest.raises(InvalidRequestError, match="at least 2"):
+        train(tiny_model_path, EXAMPLES[:1], CFG, tmp_path, progress=False)
+    with pytest.raises(InvalidRequestError, match="longer than max_length"):
+        train(tiny_model_path, [{"messages": [{"role": "user", "content": "word " * 300}], "completion": "x"}] * 2,
+              TrainConfig(max_length=64), tmp_path, progress=False)
+    with pytest.raises(InvalidRequestError, match="needs 'messages'"):
+        train(tiny_model_path, [{"prompt": "x"}] * 2, CFG, tmp_path, progress=False)
+    with pytest.raises(InvalidRequestError):
+        TrainConfig(rank=0)
+    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "qwen2")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(InvalidRequestError, match="cannot train architecture 'qwen2'"):
+        read_config(gguf.GGUFReader(str(tmp_path / "q.gguf")))
+
+
+def test_parity_on_the_real_default_model(tmp_path):
+    """Trained on the default model as served (Q8_0, dequantized for torch). Exported
+    into a float32 copy of those same weights, llama.cpp must match torch PEFT to float
+    rounding — this pins the layout for SmolLM2's shapes (9 heads, 3 KV heads, tied
+    embeddings). Into the quantized Q8_0 engine, llama.cpp also quantizes activations,
+    which the adapter's large effect amplifies; there we require the adapter's effect
+    to agree (correlation) and the top-1 tokens to match, with the base-only error
+    reported alongside."""
+    served = models.resolve(None)
+    f32 = models.convert(served, models.FTYPE_F32)  # the served weights, dequantized exactly
+    res = train(None, EXAMPLES[:8], TrainConfig(epochs=1, batch_size=4, learning_rate=2e-3), tmp_path, progress=False)
+    ids = Tokenization(str(served)).prompt_ids(EXAMPLES[2]["messages"])
+    base_t, lora_t = torch_peft_logits(str(served), res.peft_dir, ids)
+    assert np.abs(lora_t - base_t).max() > 0.05   # the adapter does something
+    with Engine(str(f32), n_ctx=1024, flash_attn=False, kv_f32=True) as eng:
+        assert rel(engine_logits(eng, ids), base_t) < 1e-4
+        lora_f32 = engine_logits(eng, ids, [(eng.load_adapter(res.gguf_path), 1.0)])
+    assert rel(lora_f32, lora_t) < 1e-4
+    with Engine(None, n_ctx=1024, flash_attn=False, kv_f32=True) as eng:
+        base_q = engine_logits(eng, ids)
+        lora_q = engine_logits(eng, ids, [(eng.load_adapter(res.gguf_path), 1.0)])
+    assert rel(base_q, base_t) < 0.1
+    assert np.corrcoef((lora_q - base_q).ravel(), (lora_t - base_t).ravel())[0, 1] > 0.95
+    assert (lora_q.argmax(1) == lora_t.argmax(1)).mean() > 0.85
