@@ -388,44 +388,41 @@ class Engine:
                 self._pump = _AsyncPump(self._native)
             return self._pump
 
-    async def astream(self, prompt=None, **kw) -> AsyncIterator[StreamChunk]:
+    def _async_submit(self, prompt, kw) -> tuple[Request, asyncio.Event, _AsyncPump]:
         pump = self._async_pump()
         req = self.submit(prompt, _notify=True, **kw)
         event = asyncio.Event()
         pump.register(req.id, asyncio.get_running_loop(), event)
+        return req, event, pump
+
+    async def astream(self, prompt=None, **kw) -> AsyncIterator[StreamChunk]:
+        req, event, pump = self._async_submit(prompt, kw)
         try:
             while not req._done:
-                event.clear()
+                event.clear()  # before take(0): a wake-up after it is never lost
                 chunk = req._absorb(*req._native.take(0))
                 if chunk is not None:
                     yield chunk
                 elif not req._done:
                     await event.wait()
             req._raise_if_failed()
-        except asyncio.CancelledError:
-            req.cancel()
-            raise
         finally:
             pump.unregister(req.id)
-            if not req._done:
+            if not req._done:  # cancelled task or consumer stopped early
                 req.cancel()
 
     async def agenerate(self, prompt=None, **kw) -> Completion:
-        pump = self._async_pump()
-        req = self.submit(prompt, _notify=True, **kw)
-        event = asyncio.Event()
-        pump.register(req.id, asyncio.get_running_loop(), event)
+        req, event, pump = self._async_submit(prompt, kw)
         try:
             while not req._done:
                 event.clear()
                 if req._absorb(*req._native.take(0)) is None and not req._done:
                     await event.wait()
             return req._completion()
-        except asyncio.CancelledError:
-            req.cancel()
-            raise
         finally:
             pump.unregister(req.id)
+            if not req._done:
+                req.cancel()
 
     # ---------------------------------------------------------------- adapters
     def load_adapter(self, path: str | os.PathLike) -> int:

@@ -43,6 +43,16 @@ def _describe(mt_run) -> tuple[str | None, dict | None]:
         return None, None
 
 
+def _verdict(mt_run, error: Exception | None) -> None:
+    """Record byllm's verdict on the call (accepted, or the exception it raised)."""
+    fn, inputs = _describe(mt_run)
+    inv = getattr(mt_run, "_invocation_id", None)
+    recorder.finish_call(inv, accepted=error is None, inputs=inputs, function=fn,
+                         error=None if error is None else f"{type(error).__name__}: {error}")
+    if inv and error is None:
+        recorder.last_invocation.set(inv)
+
+
 class JacRuntime:
     @staticmethod
     @hookimpl
@@ -50,15 +60,9 @@ class JacRuntime:
         try:
             result = model.invoke(mt_run=mt_run)
         except Exception as e:
-            fn, inputs = _describe(mt_run)
-            recorder.finish_call(getattr(mt_run, "_invocation_id", None), accepted=False, inputs=inputs,
-                                 function=fn, error=f"{type(e).__name__}: {e}")
+            _verdict(mt_run, e)
             raise
-        fn, inputs = _describe(mt_run)
-        recorder.finish_call(getattr(mt_run, "_invocation_id", None), accepted=True, inputs=inputs, function=fn)
-        inv = getattr(mt_run, "_invocation_id", None)
-        if inv:
-            recorder.last_invocation.set(inv)
+        _verdict(mt_run, None)
         return result
 
     @staticmethod
@@ -67,10 +71,7 @@ class JacRuntime:
         try:
             result = await model.ainvoke(mt_run=mt_run)
         except Exception as e:
-            fn, inputs = _describe(mt_run)
-            recorder.finish_call(getattr(mt_run, "_invocation_id", None), accepted=False, inputs=inputs,
-                                 function=fn, error=f"{type(e).__name__}: {e}")
+            _verdict(mt_run, e)
             raise
-        fn, inputs = _describe(mt_run)
-        recorder.finish_call(getattr(mt_run, "_invocation_id", None), accepted=True, inputs=inputs, function=fn)
+        _verdict(mt_run, None)
         return result

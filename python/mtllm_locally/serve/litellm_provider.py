@@ -221,17 +221,14 @@ def capture(call: Call, c: Completion, text: str) -> None:
         completion_tokens=c.completion_tokens, cached_tokens=c.cached_tokens, temperature=call.temperature)
 
 
-def _submit(call: Call, i: int, notify: bool = False):
+def _request(call: Call, i: int) -> tuple[Any, dict]:
+    """The shared engine and the Engine.submit kwargs for choice `i` of a call."""
     eng = shared_engine(call.model)
-    msgs = normalize_messages(call.messages, call.tools, eng.chat_template.source)
     kw = dict(call.kw)
-    if i > 0 and kw.get("seed") is not None:
+    kw["messages"] = normalize_messages(call.messages, call.tools, eng.chat_template.source)
+    if i > 0 and kw.get("seed") is not None:  # n > 1: distinct samples, still reproducible
         kw["seed"] = (kw["seed"] + i) % (2**32 - 1)
-    # Tools are described in the system message (normalize_messages); the template
-    # gets them too when it can render them.
-    tools = kw.pop("tools", None)
-    tool_choice = kw.pop("tool_choice", "auto")
-    return eng, eng.submit(messages=msgs, tools=tools, tool_choice=tool_choice, _notify=notify, **kw)
+    return eng, kw
 
 
 def _tool_calls(text: str, tools: list | None) -> list[dict] | None:
@@ -284,7 +281,7 @@ class MtllmLocallyLLM(CustomLLM):
                    headers={}, timeout=None, client=None) -> ModelResponse:
         try:
             call = prepare(model, messages, optional_params, litellm_params)
-            reqs = [_submit(call, i)[1] for i in range(call.n)]
+            reqs = [eng.submit(**kw) for eng, kw in (_request(call, i) for i in range(call.n))]
             return build_response(model_response, model, call, [r.result() for r in reqs])
         except errors.MtllmError as e:
             _raise(e)
@@ -294,20 +291,10 @@ class MtllmLocallyLLM(CustomLLM):
                           logger_fn=None, headers={}, timeout=None, client=None) -> ModelResponse:
         try:
             call = prepare(model, messages, optional_params, litellm_params)
-            eng = shared_engine(model)
-            outs = await asyncio.gather(*[self._agen(call, i) for i in range(call.n)])
+            outs = await asyncio.gather(*[eng.agenerate(**kw) for eng, kw in (_request(call, i) for i in range(call.n))])
             return build_response(model_response, model, call, list(outs))
         except errors.MtllmError as e:
             _raise(e)
-
-    async def _agen(self, call: Call, i: int) -> Completion:
-        eng = shared_engine(call.model)
-        msgs = normalize_messages(call.messages, call.tools, eng.chat_template.source)
-        kw = dict(call.kw)
-        tools, tool_choice = kw.pop("tools", None), kw.pop("tool_choice", "auto")
-        if i > 0 and kw.get("seed") is not None:
-            kw["seed"] = (kw["seed"] + i) % (2**32 - 1)
-        return await eng.agenerate(messages=msgs, tools=tools, tool_choice=tool_choice, **kw)
 
     def streaming(self, model, messages, api_base, custom_prompt_dict, model_response, print_verbose, encoding,
                   api_key, logging_obj, optional_params, acompletion=None, litellm_params=None, logger_fn=None,
@@ -316,7 +303,8 @@ class MtllmLocallyLLM(CustomLLM):
             call = prepare(model, messages, optional_params, litellm_params)
             if call.n != 1:
                 raise errors.InvalidRequestError("n > 1 is not supported with stream=True")
-            _, req = _submit(call, 0)
+            eng, kw = _request(call, 0)
+            req = eng.submit(**kw)
         except errors.MtllmError as e:
             _raise(e)
         text = []
@@ -341,13 +329,10 @@ class MtllmLocallyLLM(CustomLLM):
             call = prepare(model, messages, optional_params, litellm_params)
             if call.n != 1:
                 raise errors.InvalidRequestError("n > 1 is not supported with stream=True")
-            eng = shared_engine(model)
-            msgs = normalize_messages(call.messages, call.tools, eng.chat_template.source)
-            kw = dict(call.kw)
-            tools, tool_choice = kw.pop("tools", None), kw.pop("tool_choice", "auto")
+            eng, kw = _request(call, 0)
             text = []
-            prompt_tokens = len(eng.encode_chat(msgs))
-            async for chunk in eng.astream(messages=msgs, tools=tools, tool_choice=tool_choice, **kw):
+            prompt_tokens = len(eng.encode_chat(kw["messages"], tools=kw.get("tools")))
+            async for chunk in eng.astream(**kw):
                 text.append(chunk.text)
                 if not call.tools:
                     yield _chunk(chunk.text)
