@@ -11,7 +11,13 @@ def _jac(**kw):
     return jac.run(**kw)
 
 
-SECTIONS = {"inference": inference.run, "adapters": adapters.run, "jac": _jac}
+def _train(**kw):
+    from . import train  # needs the train extra (torch, peft)
+
+    return train.run(**kw)
+
+
+SECTIONS = {"inference": inference.run, "adapters": adapters.run, "jac": _jac, "train": _train}
 
 
 def main(argv=None) -> int:

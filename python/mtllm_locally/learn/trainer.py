@@ -202,7 +202,7 @@ def train(model_path: str | Path | None, examples: Iterable[Mapping[str, Any]], 
                 losses.append(float(loss.detach()))
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{float(loss):.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+                    bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
     finally:
         if bar is not None:
             bar.close()
