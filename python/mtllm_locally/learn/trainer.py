@@ -41,8 +41,10 @@ class TrainConfig:
     rank: int = 8                 # enough for one function's behaviour; adapter stays ~2 MB on SmolLM2
     alpha: float = 16.0           # alpha = 2r: the usual scale, stable at the learning rate below
     target_modules: tuple[str, ...] = export.TARGET_MODULES
-    learning_rate: float = 1e-3   # LoRA on a 135M model tolerates a high rate; converges in ~2 epochs
-    epochs: int = 2
+    # Measured on `bench train` (200 examples, SmolLM2-135M): lr 1e-3 x 2 epochs learned the JSON
+    # scaffolding but not the label (held-out 0.22); 4e-3 x 3 epochs reached 1.00.
+    learning_rate: float = 4e-3
+    epochs: int = 3
     batch_size: int = 8
     max_length: int = 1024        # examples longer than this are refused, not truncated
     seed: int = 0
