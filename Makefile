@@ -8,6 +8,7 @@ bench: setup
 	.venv/bin/python -m mtllm_locally.bench inference
 	.venv/bin/python -m mtllm_locally.bench adapters
 	.venv/bin/python -m mtllm_locally.bench jac
+	.venv/bin/python -m mtllm_locally.bench train
 
 test: setup
 	.venv/bin/python -m pytest -q tests
