@@ -14,7 +14,7 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from ..errors import MtllmError
 
@@ -204,25 +204,22 @@ class Store:
                              (invocation_id, time.time(), None if correct is None else int(correct), score, text, note))
 
     # ------------------------------------------------------------------ reads
-    def calls(self, task_key: str | None = None, limit: int = 1000) -> list[dict]:
-        q = "SELECT * FROM calls" + (" WHERE task_key=?" if task_key else "") + " ORDER BY created_at LIMIT ?"
-        args: Iterable = (task_key, limit) if task_key else (limit,)
+    def _rows(self, query: str, args: tuple) -> list[dict]:
         with self._lock:
-            cur = self._db.execute(q, tuple(args))
+            cur = self._db.execute(query, args)
             cols = [c[0] for c in cur.description]
             return [dict(zip(cols, r)) for r in cur.fetchall()]
+
+    def calls(self, task_key: str | None = None, limit: int = 1000) -> list[dict]:
+        if task_key:
+            return self._rows("SELECT * FROM calls WHERE task_key=? ORDER BY created_at LIMIT ?", (task_key, limit))
+        return self._rows("SELECT * FROM calls ORDER BY created_at LIMIT ?", (limit,))
 
     def turns(self, invocation_id: str) -> list[dict]:
-        with self._lock:
-            cur = self._db.execute("SELECT * FROM turns WHERE invocation_id=? ORDER BY turn_index", (invocation_id,))
-            cols = [c[0] for c in cur.description]
-            return [dict(zip(cols, r)) for r in cur.fetchall()]
+        return self._rows("SELECT * FROM turns WHERE invocation_id=? ORDER BY turn_index", (invocation_id,))
 
     def feedback(self, invocation_id: str) -> list[dict]:
-        with self._lock:
-            cur = self._db.execute("SELECT * FROM feedback WHERE invocation_id=? ORDER BY id", (invocation_id,))
-            cols = [c[0] for c in cur.description]
-            return [dict(zip(cols, r)) for r in cur.fetchall()]
+        return self._rows("SELECT * FROM feedback WHERE invocation_id=? ORDER BY id", (invocation_id,))
 
     def close(self) -> None:
         with self._lock:
