@@ -11,6 +11,8 @@ import threading
 import jsonschema
 import pytest
 
+from mtllm_locally.chat import for_template
+
 litellm = pytest.importorskip("litellm")
 
 from mtllm_locally.serve import engines, litellm_provider, recorder  # noqa: E402
@@ -66,7 +68,7 @@ def test_prior_tool_calls_and_results_are_accepted(model):
     r = litellm.completion(model=model, messages=history, tools=TOOLS, max_tokens=20)
     assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
     eng = engines.shared_engine(model.split("/", 1)[1])
-    rendered = eng.render(litellm_provider.normalize_messages(history, TOOLS, eng.chat_template.source))
+    rendered = eng.render(for_template(history, TOOLS, eng.chat_template.source))
     assert '{"name": "get_weather", "arguments": {"city": "Paris"}}' in rendered
     assert "sunny, 21C" in rendered and "get_weather" in rendered.split("<|im_end|>")[0]  # tools described up front
 

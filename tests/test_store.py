@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from mtllm_locally.learn.store import SCHEMA_VERSION, Store, StoreError
+from mtllm_locally.learn.store import MIGRATIONS, SCHEMA_VERSION, Store, StoreError
 from mtllm_locally.serve import recorder
 
 
@@ -98,9 +98,28 @@ def test_broken_store_never_breaks_a_call(tmp_path, caplog):
     bad.mkdir()
     recorder.configure(bad)
     try:
-        recorder.record_turn(metadata=None, model="m", messages=[], response_format=None, tools=None, output_text="x",
+        recorder.record_turn(metadata=None, task="t", model="m", messages=[], response_format=None, tools=None, output_text="x",
                              tool_calls=None, finish_reason="stop", latency_ms=1, prompt_tokens=1, completion_tokens=1,
                              cached_tokens=0, temperature=0.0)
         assert "call capture failed" in caplog.text
     finally:
         recorder.configure(None)
+
+
+def test_v1_store_is_migrated_forward_without_loss(tmp_path):
+    import sqlite3
+
+    p = tmp_path / "old.sqlite3"
+    db = sqlite3.connect(p)
+    db.executescript(MIGRATIONS[0])
+    db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+    db.execute("INSERT INTO meta VALUES ('schema_version', '1')")
+    db.execute("INSERT INTO calls (invocation_id, task_key, created_at, output_text, accepted) "
+               "VALUES ('old', 'f:1', 1.0, 'kept', 1)")
+    db.commit()
+    db.close()
+    s = Store(p)
+    assert s.schema_version() == SCHEMA_VERSION >= 2
+    (row,) = s.calls()
+    assert row["output_text"] == "kept" and row["source"] is None
+    assert s.rows("SELECT COUNT(*) AS n FROM adapters")[0]["n"] == 0

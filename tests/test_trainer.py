@@ -17,7 +17,8 @@ pytest.importorskip("peft")
 from mtllm_locally import Engine, InvalidRequestError, models  # noqa: E402
 from mtllm_locally.learn import export  # noqa: E402
 from mtllm_locally.learn.torch_llama import load_llama, read_config  # noqa: E402
-from mtllm_locally.learn.trainer import TrainConfig, Tokenization, TrainingCancelled, train  # noqa: E402
+from mtllm_locally.learn.trainer import (  # noqa: E402
+    TrainConfig, Tokenization, TrainingCancelled, cache_frozen_layers, completion_loss, prepare_examples, train)
 
 EXAMPLES = [{"messages": [{"role": "user", "content": f"Classify item {i}: {['apple', 'sky', 'grass'][i % 3]}"}],
              "completion": ["red", "blue", "green"][i % 3]} for i in range(24)]
@@ -30,7 +31,9 @@ def torch_peft_logits(base_path, peft_dir, ids):
 
     conf = json.loads((peft_dir / "adapter_config.json").read_text())
     model = get_peft_model(load_llama(base_path), LoraConfig(r=conf["r"], lora_alpha=conf["lora_alpha"],
-                                                              target_modules=conf["target_modules"], lora_dropout=0.0))
+                                                              target_modules=conf["target_modules"], lora_dropout=0.0,
+                                                              layers_to_transform=conf.get("layers_to_transform"),
+                                                              layers_pattern=conf.get("layers_pattern")))
     sd = {k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"): v
           for k, v in load_file(str(peft_dir / "adapter_model.safetensors")).items()}
     result = model.load_state_dict(sd, strict=False)
@@ -160,3 +163,35 @@ def test_parity_on_the_real_default_model(tmp_path):
     assert rel(base_q, base_t) < 0.1
     assert np.corrcoef((lora_q - base_q).ravel(), (lora_t - base_t).ravel())[0, 1] > 0.95
     assert (lora_q.argmax(1) == lora_t.argmax(1)).mean() > 0.85
+
+
+def test_cached_frozen_layers_give_the_same_loss(tiny_model_path):
+    """Upper-layer LoRA runs the frozen blocks once per example; the loss (and so the
+    gradient) must equal a full forward on a batch padded differently."""
+    tok = Tokenization(tiny_model_path)
+    data = prepare_examples(tok, EXAMPLES[:6], 1024)
+    model = load_llama(tiny_model_path)
+    full, _ = completion_loss(model, data[:3])
+    first = model.config.n_layer - 1
+    cache_frozen_layers(model, data, first, batch_size=6)  # cached in a batch of 6, used in one of 3
+    cached, _ = completion_loss(model, data[:3], first_trained=first)
+    assert abs(float(full) - float(cached)) < 1e-5 * abs(float(full))
+
+
+def test_upper_layer_adapter_matches_torch_peft(tiny_model_path, tmp_path):
+    cfg = TrainConfig(epochs=2, batch_size=4, learning_rate=5e-3, bf16=False, lora_layers=1)
+    res = train(tiny_model_path, EXAMPLES, cfg, tmp_path, progress=False)
+    conf = json.loads((res.peft_dir / "adapter_config.json").read_text())
+    n_layer = read_config(gguf.GGUFReader(tiny_model_path)).n_layer
+    assert conf["layers_to_transform"] == [n_layer - 1]
+    names = {t.name for t in gguf.GGUFReader(str(res.gguf_path)).tensors}
+    assert names and all(n.startswith(f"blk.{n_layer - 1}.") for n in names)
+    assert res.losses[-1] < res.losses[0]
+    tok = Tokenization(tiny_model_path)
+    ids = tok.prompt_ids(EXAMPLES[0]["messages"])
+    base_t, lora_t = torch_peft_logits(tiny_model_path, res.peft_dir, ids)
+    assert rel(lora_t, base_t) > 1e-3  # the adapter does something
+    with Engine(tiny_model_path, flash_attn=False, kv_f32=True) as eng:
+        a = eng.load_adapter(res.gguf_path)
+        got = engine_logits(eng, ids, [(a, 1.0)])
+    assert rel(got, lora_t) < 1e-5

@@ -104,3 +104,41 @@ class ChatTemplate:
             raise TemplateError(f"the chat template tried an unsafe operation: {e}") from e
         except Exception as e:  # a template is code: any failure is the template's
             raise TemplateError(f"the chat template failed to render: {type(e).__name__}: {e}") from e
+
+
+def tool_call_text(call: dict, compact: bool = False) -> str:
+    """An OpenAI tool call as the JSON object the model emits for it."""
+    fn = call.get("function", {})
+    args = fn.get("arguments", "{}")
+    try:
+        args = json.loads(args) if isinstance(args, str) else args
+    except json.JSONDecodeError:
+        pass
+    return json.dumps({"name": fn.get("name"), "arguments": args}, separators=(",", ":") if compact else None)
+
+
+def for_template(messages: list[dict], tools: list | None, template_source: str) -> list[dict]:
+    """Make OpenAI tool traffic readable by templates that know only role + content:
+    prior tool calls become the JSON the model emits, and the tools are described in
+    the system message when the template cannot render them."""
+    out = []
+    for m in messages:
+        m = dict(m)
+        if m.get("role") == "assistant" and m.get("tool_calls") and "tool_calls" not in template_source:
+            text = "\n".join(tool_call_text(c) for c in m["tool_calls"])
+            m["content"] = ((m.get("content") or "") + ("\n" if m.get("content") else "") + text)
+            m.pop("tool_calls")
+        if m.get("role") == "tool" and "tool" not in template_source:
+            m = {"role": "user", "content": f"Tool result ({m.get('name') or m.get('tool_call_id', '')}): "
+                                            f"{m.get('content') if isinstance(m.get('content'), str) else json.dumps(m.get('content'))}"}
+        out.append(m)
+    if tools and "tools" not in template_source:
+        desc = "\n".join(json.dumps({"name": t["function"]["name"], "description": t["function"].get("description", ""),
+                                     "parameters": t["function"].get("parameters", {})}) for t in tools)
+        note = ("You can call one of these tools by answering with a JSON object "
+                '{"name": <tool name>, "arguments": {...}}:\n' + desc)
+        if out and out[0].get("role") == "system":
+            out[0] = dict(out[0], content=f"{out[0].get('content') or ''}\n\n{note}")
+        else:
+            out.insert(0, {"role": "system", "content": note})
+    return out

@@ -1,25 +1,234 @@
-"""`mtllm-locally` / `python -m mtllm_locally`: inspect a model and chat with it."""
+"""`mtllm-locally` / `python -m mtllm_locally`: the model, and the learning loop.
+
+    info | chat MESSAGE                       the model
+    status | calls | feedback                 what the program did (the store)
+    train | eval | promote | rollback         the learning loop, by hand
+    export | plot                             adapters out; held-out accuracy per version
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from dataclasses import asdict
+from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="mtllm-locally", description="Local LLM runtime for Jac's by llm()")
-    ap.add_argument("--model", default=None, help="GGUF path, or 'default' (embedded SmolLM2-135M)")
-    sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("info", help="model metadata as JSON")
-    g = sub.add_parser("chat", help="one chat turn, streamed")
-    g.add_argument("message")
-    g.add_argument("--system", default=None)
-    g.add_argument("--max-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0)
-    args = ap.parse_args(argv)
+def _store(args):
+    from .learn.store import Store
 
+    return Store(args.store)
+
+
+def _resolve_task(store, name: str) -> dict:
+    """A task by its key, or by its Jac function name (the most recently called one)."""
+    tasks = store.tasks()
+    exact = [t for t in tasks if t["task_key"] == name]
+    if exact:
+        return exact[0]
+    by_fn = [t for t in tasks if t["function"] == name or (t["function"] or "").rsplit(".", 1)[-1] == name]
+    if not by_fn:
+        raise SystemExit(f"error: no task {name!r}; known: {', '.join(t['task_key'] for t in tasks) or 'none'}")
+    if len(by_fn) > 1:
+        print(f"note: {name} has {len(by_fn)} signatures; using the most recent, {by_fn[0]['task_key']}",
+              file=sys.stderr)
+    return by_fn[0]
+
+
+def _model_path(store, task: dict, model: str | None) -> str:
+    from . import models
+
+    if model is None:
+        rows = store.rows("SELECT model FROM calls WHERE task_key=? AND model LIKE 'mtllm_locally/%' "
+                          "ORDER BY created_at DESC LIMIT 1", (task["task_key"],))
+        model = rows[0]["model"].split("/", 1)[1] if rows else None
+    return str(models.resolve(model))
+
+
+def _print(obj, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(obj, indent=2, default=str))
+        return
+    for row in obj if isinstance(obj, list) else [obj]:
+        print("  ".join(f"{k}={v}" for k, v in row.items()))
+
+
+def cmd_status(args) -> int:
+    from .learn.dataset import split, task_examples
+    from .learn.policy import policy_for
+    from .learn.registry import Registry
+
+    store = _store(args)
+    reg = Registry(store)
+    training = reg.training()
+    out = []
+    for t in store.tasks():
+        policy = policy_for(t["function"])
+        train, held = split(task_examples(store, t["task_key"], heldout_percent=policy.heldout_percent,
+                                          train_on=policy.train_on))
+        versions = reg.versions(t["task_key"])
+        deployed = {d["base"]: d["adapter_id"] for d in reg.deployments() if d["task_key"] == t["task_key"]}
+        last_eval = next((v for v in reversed(versions) if v.status in ("passed", "rejected")), None)
+        out.append({"task": t["task_key"], "function": t["function"], "calls": t["calls"],
+                    "accepted": t["accepted"] or 0, "teacher_answers": t["teacher"] or 0,
+                    "with_feedback": t["with_feedback"] or 0, "train_examples": len(train),
+                    "heldout_examples": len(held), "versions": len(versions),
+                    "deployed": deployed or "base",
+                    "last_eval": None if last_eval is None else
+                    f"{last_eval.adapter_id} {last_eval.status} {last_eval.score:.3f} vs "
+                    f"{last_eval.metrics.get('baseline_score', 0):.3f}",
+                    "training": training.adapter_id if training and training.task_key == t["task_key"] else None})
+    _print(out, args.json)
+    if not out and not args.json:
+        print(f"no calls captured in {store.path} yet")
+    return 0
+
+
+def cmd_calls(args) -> int:
+    store = _store(args)
+    task = _resolve_task(store, args.task)["task_key"] if args.task else None
+    rows = store.calls(task, limit=args.limit)
+    keep = ("invocation_id", "function", "created_at", "source", "adapter", "accepted", "output_text", "latency_ms")
+    _print([{k: r.get(k) for k in keep} for r in rows[-args.limit:]], args.json)
+    return 0
+
+
+def cmd_feedback(args) -> int:
+    store = _store(args)
+    corrected = None
+    if args.output is not None:
+        try:
+            corrected = json.loads(args.output)
+        except json.JSONDecodeError:
+            corrected = args.output
+    correct = True if args.correct else False if args.wrong else None
+    try:
+        store.add_feedback(args.invocation_id, correct=correct, corrected_output=corrected, note=args.note)
+    except (KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"feedback recorded for {args.invocation_id}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .learn.loop import TaskRef, start_training
+    from .learn.policy import policy_for
+    from .learn.registry import RegistryError
+
+    store = _store(args)
+    task = _resolve_task(store, args.task)
+    ref = TaskRef(task["task_key"], task["function"], _model_path(store, task, args.model))
+    try:
+        v, proc = start_training(store, ref, policy_for(task["function"]))
+    except RegistryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"training {v.adapter_id} (pid {proc.pid}); log in {store.path.parent / 'logs'}")
+    if args.wait:
+        proc.wait()
+        from .learn.registry import Registry, describe
+
+        _print(describe(Registry(store).get(v.adapter_id)), args.json)
+        return 0 if proc.returncode == 0 else 1
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from . import Engine, models
+    from .learn.dataset import split, task_examples
+    from .learn.gate import evaluate
+    from .learn.policy import policy_for
+    from .learn.registry import Registry
+
+    store = _store(args)
+    task = _resolve_task(store, args.task)
+    policy = policy_for(task["function"])
+    path = _model_path(store, task, args.model)
+    _, held = split(task_examples(store, task["task_key"], heldout_percent=policy.heldout_percent,
+                                  train_on=policy.train_on))
+    if not held:
+        print("error: no held-out examples for this task yet", file=sys.stderr)
+        return 2
+    reg = Registry(store)
+    base = models.fingerprint(path)
+    versions = [v for v in reg.versions(task["task_key"]) if v.base == base and v.gguf_path.is_file()
+                and (args.version is None or v.version == args.version)]
+    out = []
+    with Engine(path, n_ctx=4096) as eng:
+        out.append({"version": "base", **evaluate(eng, held).as_dict()})
+        for v in versions:
+            out.append({"version": v.adapter_id, "status": v.status,
+                        **evaluate(eng, held, [(eng.load_adapter(v.gguf_path), 1.0)]).as_dict()})
+    _print(out, args.json)
+    return 0
+
+
+def cmd_promote(args) -> int:
+    from .learn.registry import Registry, RegistryError
+
+    reg = Registry(_store(args))
+    try:
+        reg.promote(args.adapter_id, note=f"manual promote at {time.ctime()}")
+    except RegistryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.adapter_id} now serves its task")
+    return 0
+
+
+def cmd_rollback(args) -> int:
+    from . import models
+    from .learn.registry import Registry, RegistryError
+
+    store = _store(args)
+    task = _resolve_task(store, args.task)
+    base = models.fingerprint(_model_path(store, task, args.model))
+    try:
+        now = Registry(store).rollback(task["task_key"], base, note=f"manual rollback at {time.ctime()}")
+    except RegistryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{task['task_key']} is now served by {now or 'the base model'}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import shutil
+
+    from .learn.registry import Registry, RegistryError
+
+    try:
+        v = Registry(_store(args)).get(args.adapter_id)
+    except RegistryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    src = v.gguf_path if args.format == "gguf" else Path(v.path) / "peft"
+    if not src.exists():
+        print(f"error: {v.adapter_id} has no {args.format} adapter ({v.status})", file=sys.stderr)
+        return 2
+    dst = Path(args.out)
+    if src.is_dir():
+        shutil.copytree(src, dst, dirs_exist_ok=True)
+        shutil.copy(Path(v.path) / "manifest.json", dst / "mtllm_manifest.json")
+    else:
+        shutil.copy(src, dst)
+    print(f"{args.format} adapter {v.adapter_id} -> {dst}")
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from .learn.plot import plot_versions
+    from .learn.registry import Registry
+
+    out = plot_versions(Registry(_store(args)), args.out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_model(args) -> int:
     from . import Engine, MtllmError
 
     try:
@@ -28,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                 info = asdict(eng.info)
                 info["n_ctx"] = eng.n_ctx
                 print(json.dumps(info, indent=2))
-            elif args.cmd == "chat":
+            else:
                 msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [
                     {"role": "user", "content": args.message}]
                 for chunk in eng.stream(messages=msgs, max_tokens=args.max_tokens, temperature=args.temperature):
@@ -38,3 +247,55 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="mtllm-locally", description="Local LLM runtime for Jac's by llm()")
+    ap.add_argument("--model", default=None, help="GGUF path, or 'default' (embedded SmolLM2-135M)")
+    ap.add_argument("--store", default=None, help="call store (default ./.mtllm_locally/calls.sqlite3)")
+    ap.add_argument("--json", action="store_true", help="machine-readable output")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="model metadata as JSON").set_defaults(fn=cmd_model)
+    g = sub.add_parser("chat", help="one chat turn, streamed")
+    g.add_argument("message")
+    g.add_argument("--system", default=None)
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.set_defaults(fn=cmd_model)
+    sub.add_parser("status", help="per task: calls, examples, deployed version, last eval").set_defaults(fn=cmd_status)
+    g = sub.add_parser("calls", help="captured calls")
+    g.add_argument("--task", default=None, help="task key or Jac function name")
+    g.add_argument("--limit", type=int, default=20)
+    g.set_defaults(fn=cmd_calls)
+    g = sub.add_parser("feedback", help="mark a call right or wrong, or correct its output")
+    g.add_argument("invocation_id")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument("--correct", action="store_true")
+    x.add_argument("--wrong", action="store_true")
+    g.add_argument("--output", default=None, help="the corrected output (JSON or text)")
+    g.add_argument("--note", default=None)
+    g.set_defaults(fn=cmd_feedback)
+    g = sub.add_parser("train", help="train a task now (gate and promote as the loop would)")
+    g.add_argument("task")
+    g.add_argument("--wait", action="store_true", help="wait and print the verdict")
+    g.set_defaults(fn=cmd_train)
+    g = sub.add_parser("eval", help="held-out score of the base and each version of a task")
+    g.add_argument("task")
+    g.add_argument("--version", type=int, default=None)
+    g.set_defaults(fn=cmd_eval)
+    g = sub.add_parser("promote", help="serve a task with this version (overrules the gate)")
+    g.add_argument("adapter_id")
+    g.set_defaults(fn=cmd_promote)
+    g = sub.add_parser("rollback", help="serve a task with what served it before")
+    g.add_argument("task")
+    g.set_defaults(fn=cmd_rollback)
+    g = sub.add_parser("export", help="copy a version out as a PEFT or GGUF adapter")
+    g.add_argument("adapter_id")
+    g.add_argument("--format", choices=("peft", "gguf"), default="peft")
+    g.add_argument("--out", required=True)
+    g.set_defaults(fn=cmd_export)
+    g = sub.add_parser("plot", help="held-out accuracy per adapter version per task (PNG)")
+    g.add_argument("--out", default="mtllm_locally_versions.png")
+    g.set_defaults(fn=cmd_plot)
+    args = ap.parse_args(argv)
+    return args.fn(args)

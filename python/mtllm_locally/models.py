@@ -14,6 +14,7 @@ exactly and is 1.3x faster where we live (many concurrent `by llm()` calls).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -102,3 +103,20 @@ def resolve(model: str | os.PathLike | None, *, fast_default: bool = True) -> Pa
     if isinstance(model, str) and model.endswith("-q4_1") and model[: -len("-q4_1")] in DEFAULT_ALIASES:
         return embedded_default_path()
     return check_gguf(model)
+
+
+@functools.lru_cache(maxsize=16)
+def _fingerprint(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(path: str | os.PathLike) -> str:
+    """Identity of a base model's weights: `<file stem>@<sha256 prefix>`. An adapter is
+    trained for, registered under and deployed to exactly this base."""
+    p = Path(path).resolve()
+    st = p.stat()
+    return f"{p.stem}@{_fingerprint(str(p), st.st_size, st.st_mtime_ns)[:16]}"

@@ -64,7 +64,7 @@ def write_gguf_adapter(path: str | Path, weights: dict, config: LlamaConfig, alp
 
 
 def write_peft_adapter(directory: str | Path, weights: dict, alpha: float, rank: int, use_rslora: bool = False,
-                       base_model: str = "") -> Path:
+                       base_model: str = "", layers: list[int] | None = None) -> Path:
     directory = Path(directory)
     tmp = directory.with_name(directory.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
@@ -77,7 +77,8 @@ def write_peft_adapter(directory: str | Path, weights: dict, alpha: float, rank:
     (tmp / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
         "target_modules": modules, "bias": "none", "use_rslora": use_rslora, "fan_in_fan_out": False,
-        "base_model_name_or_path": base_model, "inference_mode": True}, indent=2))
+        "base_model_name_or_path": base_model, "inference_mode": True,
+        "layers_to_transform": layers, "layers_pattern": "layers" if layers else None}, indent=2))
     if directory.exists():
         import shutil
 

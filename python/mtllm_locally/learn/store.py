@@ -8,6 +8,7 @@ damaged. The file is readable by its owner only: prompts are private data.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -76,6 +77,48 @@ MIGRATIONS: list[str] = [
     );
     CREATE INDEX feedback_call ON feedback(invocation_id);
     """,
+    # v2: the learning loop. Who answered (the served model or a teacher), the student's
+    # shadow answer, and the adapter registry: immutable versions, a deployed pointer per
+    # (task, base model) and a log of every promotion and rollback.
+    """
+    ALTER TABLE calls ADD COLUMN source TEXT;
+    ALTER TABLE turns ADD COLUMN source TEXT;
+    ALTER TABLE turns ADD COLUMN shadow_output TEXT;
+    CREATE TABLE adapters (
+        adapter_id      TEXT PRIMARY KEY,   -- <task_key>@v<version>
+        task_key        TEXT NOT NULL,
+        version         INTEGER NOT NULL,
+        base            TEXT NOT NULL,      -- models.fingerprint of the base it was trained on
+        status          TEXT NOT NULL,      -- training | failed | cancelled | rejected | passed
+        created_at      REAL NOT NULL,
+        finished_at     REAL,
+        pid             INTEGER,
+        path            TEXT,               -- directory: adapter.gguf, peft/, manifest.json, data.jsonl
+        parent          TEXT,               -- the version deployed when training started
+        config_json     TEXT,
+        data_json       TEXT,
+        metrics_json    TEXT,
+        error           TEXT,
+        UNIQUE (task_key, version)
+    );
+    CREATE TABLE deployments (
+        task_key        TEXT NOT NULL,
+        base            TEXT NOT NULL,
+        adapter_id      TEXT,               -- NULL: the base model serves the task
+        updated_at      REAL NOT NULL,
+        PRIMARY KEY (task_key, base)
+    );
+    CREATE TABLE deploy_log (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        task_key        TEXT NOT NULL,
+        base            TEXT NOT NULL,
+        action          TEXT NOT NULL,      -- promote | rollback
+        adapter_id      TEXT,
+        previous        TEXT,
+        created_at      REAL NOT NULL,
+        note            TEXT
+    );
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -93,7 +136,8 @@ def _dumps(v: Any) -> str | None:
 class Store:
     def __init__(self, path: str | os.PathLike | None = None):
         self.path = Path(path) if path is not None else default_path()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self.generation = 0  # commits through this connection (PRAGMA data_version ignores them)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if not self.path.exists():
@@ -131,6 +175,24 @@ class Store:
                 self._db.execute("ROLLBACK")
                 raise
 
+    @contextlib.contextmanager
+    def transaction(self):
+        """One write transaction (BEGIN IMMEDIATE: writers across processes queue here)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        self.generation += 1
+
+    def data_version(self) -> tuple[int, int]:
+        """Changes whenever anyone (this connection or another process) commits."""
+        with self._lock:
+            return self._db.execute("PRAGMA data_version").fetchone()[0], self.generation
+
     def schema_version(self) -> int:
         return int(self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0])
 
@@ -139,87 +201,86 @@ class Store:
                     messages: list, response_format: Any = None, tools: Any = None, output_text: str | None,
                     tool_calls: Any = None, finish_reason: str | None, latency_ms: float, prompt_tokens: int,
                     completion_tokens: int, cached_tokens: int = 0, temperature: float | None = None,
-                    adapter: str | None = None) -> None:
+                    adapter: str | None = None, source: str = "model", shadow_output: str | None = None) -> None:
+        """`source`: who produced the output ("model", or "teacher:<model>" in distillation);
+        `shadow_output`: the served model's own answer when a teacher answered."""
         now = time.time()
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute(
-                    "INSERT INTO calls (invocation_id, task_key, function, created_at, model, adapter) "
-                    "VALUES (?,?,?,?,?,?) ON CONFLICT(invocation_id) DO NOTHING",
-                    (invocation_id, task_key, function, now, model, adapter))
-                (n,) = self._db.execute("SELECT n_turns FROM calls WHERE invocation_id=?", (invocation_id,)).fetchone()
-                self._db.execute(
-                    "INSERT INTO turns (invocation_id, turn_index, created_at, messages_json, response_format_json, "
-                    "tools_json, output_text, tool_calls_json, finish_reason, latency_ms, prompt_tokens, "
-                    "completion_tokens, cached_tokens, temperature, model, adapter) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (invocation_id, n, now, _dumps(messages), _dumps(response_format), _dumps(tools), output_text,
-                     _dumps(tool_calls), finish_reason, latency_ms, prompt_tokens, completion_tokens, cached_tokens,
-                     temperature, model, adapter))
-                self._db.execute(
-                    "UPDATE calls SET n_turns=n_turns+1, output_text=?, latency_ms=COALESCE(latency_ms,0)+?, "
-                    "prompt_tokens=prompt_tokens+?, completion_tokens=completion_tokens+?, temperature=?, model=?, "
-                    "adapter=? WHERE invocation_id=?",
-                    (output_text if output_text is not None else _dumps(tool_calls), latency_ms, prompt_tokens,
-                     completion_tokens, temperature, model, adapter, invocation_id))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO calls (invocation_id, task_key, function, created_at, model, adapter) "
+                "VALUES (?,?,?,?,?,?) ON CONFLICT(invocation_id) DO NOTHING",
+                (invocation_id, task_key, function, now, model, adapter))
+            (n,) = db.execute("SELECT n_turns FROM calls WHERE invocation_id=?", (invocation_id,)).fetchone()
+            db.execute(
+                "INSERT INTO turns (invocation_id, turn_index, created_at, messages_json, response_format_json, "
+                "tools_json, output_text, tool_calls_json, finish_reason, latency_ms, prompt_tokens, "
+                "completion_tokens, cached_tokens, temperature, model, adapter, source, shadow_output) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                (invocation_id, n, now, _dumps(messages), _dumps(response_format), _dumps(tools), output_text,
+                 _dumps(tool_calls), finish_reason, latency_ms, prompt_tokens, completion_tokens, cached_tokens,
+                 temperature, model, adapter, source, shadow_output))
+            db.execute(
+                "UPDATE calls SET n_turns=n_turns+1, output_text=?, latency_ms=COALESCE(latency_ms,0)+?, "
+                "prompt_tokens=prompt_tokens+?, completion_tokens=completion_tokens+?, temperature=?, model=?, "
+                "adapter=?, source=? WHERE invocation_id=?",
+                (output_text if output_text is not None else _dumps(tool_calls), latency_ms, prompt_tokens,
+                 completion_tokens, temperature, model, adapter, source, invocation_id))
 
     def finish_call(self, invocation_id: str, *, accepted: bool, inputs: Any = None, function: str | None = None,
                     error: str | None = None) -> None:
         """byllm's verdict: the last turn is accepted or not; earlier turns of a call
         that needed a retry were rejected."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute(
-                    "UPDATE calls SET accepted=?, inputs_json=COALESCE(?, inputs_json), "
-                    "function=COALESCE(?, function), error=? WHERE invocation_id=?",
-                    (int(accepted), _dumps(inputs), function, error, invocation_id))
-                last = self._db.execute("SELECT MAX(turn_index) FROM turns WHERE invocation_id=?",
-                                        (invocation_id,)).fetchone()[0]
-                if last is not None:
-                    self._db.execute("UPDATE turns SET accepted=0 WHERE invocation_id=? AND turn_index<? "
-                                     "AND finish_reason!='tool_calls'", (invocation_id, last))
-                    self._db.execute("UPDATE turns SET accepted=? WHERE invocation_id=? AND turn_index=?",
-                                     (int(accepted), invocation_id, last))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self.transaction() as db:
+            db.execute(
+                "UPDATE calls SET accepted=?, inputs_json=COALESCE(?, inputs_json), "
+                "function=COALESCE(?, function), error=? WHERE invocation_id=?",
+                (int(accepted), _dumps(inputs), function, error, invocation_id))
+            last = db.execute("SELECT MAX(turn_index) FROM turns WHERE invocation_id=?",
+                              (invocation_id,)).fetchone()[0]
+            if last is not None:
+                db.execute("UPDATE turns SET accepted=0 WHERE invocation_id=? AND turn_index<? "
+                           "AND finish_reason!='tool_calls'", (invocation_id, last))
+                db.execute("UPDATE turns SET accepted=? WHERE invocation_id=? AND turn_index=?",
+                           (int(accepted), invocation_id, last))
 
     def add_feedback(self, invocation_id: str, *, correct: bool | None = None, score: float | None = None,
                      corrected_output: Any = None, note: str | None = None) -> None:
         if correct is None and score is None and corrected_output is None:
             raise ValueError("feedback needs correct=, score= or corrected_output=")
-        with self._lock:
-            if not self._db.execute("SELECT 1 FROM calls WHERE invocation_id=?", (invocation_id,)).fetchone():
+        text = corrected_output if isinstance(corrected_output, str) or corrected_output is None \
+            else _dumps(corrected_output)
+        with self.transaction() as db:
+            if not db.execute("SELECT 1 FROM calls WHERE invocation_id=?", (invocation_id,)).fetchone():
                 raise KeyError(f"no call with invocation id {invocation_id!r}")
-            text = corrected_output if isinstance(corrected_output, str) or corrected_output is None \
-                else _dumps(corrected_output)
-            self._db.execute("INSERT INTO feedback (invocation_id, created_at, correct, score, corrected_output, note) "
-                             "VALUES (?,?,?,?,?,?)",
-                             (invocation_id, time.time(), None if correct is None else int(correct), score, text, note))
+            db.execute("INSERT INTO feedback (invocation_id, created_at, correct, score, corrected_output, note) "
+                       "VALUES (?,?,?,?,?,?)",
+                       (invocation_id, time.time(), None if correct is None else int(correct), score, text, note))
 
     # ------------------------------------------------------------------ reads
-    def _rows(self, query: str, args: tuple) -> list[dict]:
+    def rows(self, query: str, args: tuple = ()) -> list[dict]:
         with self._lock:
             cur = self._db.execute(query, args)
             cols = [c[0] for c in cur.description]
             return [dict(zip(cols, r)) for r in cur.fetchall()]
 
+    def tasks(self) -> list[dict]:
+        """Per task: calls, accepted, corrected/confirmed by feedback, answered by a teacher."""
+        return self.rows(
+            "SELECT c.task_key, MAX(c.function) AS function, COUNT(*) AS calls, SUM(c.accepted=1) AS accepted, "
+            "SUM(c.source LIKE 'teacher:%') AS teacher, MAX(c.created_at) AS last_call, "
+            "SUM(EXISTS(SELECT 1 FROM feedback f WHERE f.invocation_id=c.invocation_id)) AS with_feedback "
+            "FROM calls c GROUP BY c.task_key ORDER BY last_call DESC")
+
     def calls(self, task_key: str | None = None, limit: int = 1000) -> list[dict]:
         if task_key:
-            return self._rows("SELECT * FROM calls WHERE task_key=? ORDER BY created_at LIMIT ?", (task_key, limit))
-        return self._rows("SELECT * FROM calls ORDER BY created_at LIMIT ?", (limit,))
+            return self.rows("SELECT * FROM calls WHERE task_key=? ORDER BY created_at LIMIT ?", (task_key, limit))
+        return self.rows("SELECT * FROM calls ORDER BY created_at LIMIT ?", (limit,))
 
     def turns(self, invocation_id: str) -> list[dict]:
-        return self._rows("SELECT * FROM turns WHERE invocation_id=? ORDER BY turn_index", (invocation_id,))
+        return self.rows("SELECT * FROM turns WHERE invocation_id=? ORDER BY turn_index", (invocation_id,))
 
     def feedback(self, invocation_id: str) -> list[dict]:
-        return self._rows("SELECT * FROM feedback WHERE invocation_id=? ORDER BY id", (invocation_id,))
+        return self.rows("SELECT * FROM feedback WHERE invocation_id=? ORDER BY id", (invocation_id,))
 
     def close(self) -> None:
         with self._lock:

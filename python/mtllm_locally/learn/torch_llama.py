@@ -135,20 +135,25 @@ class LlamaForCausalLM(nn.Module):
 
     def hidden_states(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (B, T, E); logits are computed by the caller only where needed."""
-        c = self.config
-        B, T = ids.shape
-        pos = torch.arange(T, device=ids.device)
-        inv = c.rope_base ** (-torch.arange(0, c.head_dim, 2, device=ids.device, dtype=torch.float32) / c.head_dim)
-        ang = pos[:, None].float() * inv[None, :]
-        cos = torch.cat([ang.cos(), ang.cos()], -1)[None, None]
-        sin = torch.cat([ang.sin(), ang.sin()], -1)[None, None]
-        causal = torch.ones(T, T, dtype=torch.bool, device=ids.device).tril()
-        mask = causal[None, None] if attention_mask is None else causal[None, None] & attention_mask[:, None, None, :].bool()
         x = self.model.embed_tokens(ids)
-        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-        for layer in self.model.layers:
+        return self.model.norm(self.run_layers(x, attention_mask, 0, self.config.n_layer))
+
+    def run_layers(self, x: torch.Tensor, attention_mask: torch.Tensor | None, start: int, end: int) -> torch.Tensor:
+        """Blocks start..end-1 on hidden states x (B, T, E). With right padding a real
+        token never sees a pad (causal mask), so a layer's output for an example does
+        not depend on the batch it was computed in: the trainer caches frozen layers."""
+        c = self.config
+        B, T, _ = x.shape
+        pos = torch.arange(T, device=x.device)
+        inv = c.rope_base ** (-torch.arange(0, c.head_dim, 2, device=x.device, dtype=torch.float32) / c.head_dim)
+        ang = pos[:, None].float() * inv[None, :]
+        cos = torch.cat([ang.cos(), ang.cos()], -1)[None, None].to(x.dtype)
+        sin = torch.cat([ang.sin(), ang.sin()], -1)[None, None].to(x.dtype)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        mask = causal[None, None] if attention_mask is None else causal[None, None] & attention_mask[:, None, None, :].bool()
+        for layer in self.model.layers[start:end]:
             x = layer(x, cos, sin, mask)
-        return self.model.norm(x)
+        return x
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.hidden_states(ids)).float()

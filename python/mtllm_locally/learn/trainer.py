@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from .. import _engine, models
-from ..chat import ChatTemplate
+from ..chat import ChatTemplate, for_template
 from ..errors import InvalidRequestError, MtllmError
 from . import export
 from .torch_llama import LlamaForCausalLM, load_llama
@@ -52,9 +52,13 @@ class TrainConfig:
     bf16: bool | None = None      # None = when the CPU supports it
     use_rslora: bool = False
     weight_decay: float = 0.0
+    # LoRA on the top `lora_layers` blocks only (0 = all). The frozen blocks below then
+    # run once per example, not once per step, and backward stops above them.
+    lora_layers: int = 0
 
     def __post_init__(self):
-        if self.rank < 1 or self.alpha <= 0 or self.learning_rate <= 0 or self.epochs < 1 or self.batch_size < 1:
+        if self.rank < 1 or self.alpha <= 0 or self.learning_rate <= 0 or self.epochs < 1 or self.batch_size < 1 \
+                or self.lora_layers < 0:
             raise InvalidRequestError(f"bad training config: {self}")
 
 
@@ -76,6 +80,7 @@ class TrainResult:
 class Example:
     prompt_ids: list[int]
     completion_ids: list[int]
+    frozen: torch.Tensor | None = None  # output of the frozen lower blocks (T, E), computed once
 
 
 class Tokenization:
@@ -91,13 +96,15 @@ class Tokenization:
         self.bos_text = piece(self.model.bos)
         self.end = self.model.eot if self.model.eot >= 0 else self.model.eos
 
-    def prompt_ids(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
-        text = self.template.render(messages, add_generation_prompt=True)
+    def prompt_ids(self, messages: Sequence[Mapping[str, Any]], tools: list | None = None) -> list[int]:
+        """As the provider serves them: OpenAI tool traffic adapted to the template first."""
+        msgs = for_template(list(messages), tools, self.template.source)
+        text = self.template.render(msgs, add_generation_prompt=True, tools=tools)
         add_bos = self.model.add_bos and not (self.bos_text and text.startswith(self.bos_text))
         return self.model.tokenize(text, add_bos, True)
 
-    def example(self, messages, completion: str) -> Example:
-        return Example(self.prompt_ids(messages), self.model.tokenize(completion, False, False) + [self.end])
+    def example(self, messages, completion: str, tools: list | None = None) -> Example:
+        return Example(self.prompt_ids(messages, tools), self.model.tokenize(completion, False, False) + [self.end])
 
 
 def _bf16_available() -> bool:
@@ -117,22 +124,47 @@ def _batches(examples: list[Example], batch_size: int, rng: random.Random) -> li
     return batches
 
 
-def completion_loss(model: LlamaForCausalLM, batch: list[Example], pad_id: int = 0) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over completion tokens; logits only at those positions."""
+def _padded(batch: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     seqs = [e.prompt_ids + e.completion_ids for e in batch]
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.bool)
-    rows, cols, targets = [], [], []
-    for b, (e, s) in enumerate(zip(batch, seqs)):
+    for b, s in enumerate(seqs):
         ids[b, : len(s)] = torch.tensor(s)
         mask[b, : len(s)] = True
+    return ids, mask
+
+
+def cache_frozen_layers(model: LlamaForCausalLM, data: list[Example], first_trained: int, batch_size: int) -> None:
+    """Run the blocks below the first LoRA block once per example and keep the result:
+    they are frozen, so every epoch would compute the same thing."""
+    with torch.no_grad():
+        for k in range(0, len(data), batch_size):
+            batch = data[k:k + batch_size]
+            ids, mask = _padded(batch, 0)
+            x = model.run_layers(model.model.embed_tokens(ids), mask, 0, first_trained)
+            for b, e in enumerate(batch):
+                e.frozen = x[b, : len(e.prompt_ids) + len(e.completion_ids)].clone()
+
+
+def completion_loss(model: LlamaForCausalLM, batch: list[Example], pad_id: int = 0,
+                    first_trained: int = 0) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over completion tokens; logits only at those positions."""
+    ids, mask = _padded(batch, pad_id)
+    rows, cols, targets = [], [], []
+    for b, e in enumerate(batch):
         start = len(e.prompt_ids) - 1  # the position whose next token is the first completion token
         for j, tok in enumerate(e.completion_ids):
             rows.append(b)
             cols.append(start + j)
             targets.append(tok)
-    h = model.hidden_states(ids, mask)
+    if first_trained:
+        x = torch.zeros((*ids.shape, model.config.n_embd), dtype=batch[0].frozen.dtype)
+        for b, e in enumerate(batch):
+            x[b, : len(e.frozen)] = e.frozen
+    else:
+        x = model.model.embed_tokens(ids)
+    h = model.model.norm(model.run_layers(x, mask, first_trained, model.config.n_layer))
     picked = h[torch.tensor(rows), torch.tensor(cols)]
     logits = model.lm_head(picked).float()
     return torch.nn.functional.cross_entropy(logits, torch.tensor(targets)), len(targets)
@@ -143,7 +175,7 @@ def prepare_examples(tok: Tokenization, examples: Iterable[Mapping[str, Any]], m
     for i, ex in enumerate(examples):
         if not isinstance(ex, Mapping) or "messages" not in ex or "completion" not in ex:
             raise InvalidRequestError(f"example {i} needs 'messages' and 'completion'")
-        e = tok.example(ex["messages"], str(ex["completion"]))
+        e = tok.example(ex["messages"], str(ex["completion"]), ex.get("tools"))
         n = len(e.prompt_ids) + len(e.completion_ids)
         if n > max_length:
             raise InvalidRequestError(f"example {i} is {n} tokens, longer than max_length={max_length}")
@@ -171,9 +203,17 @@ def train(model_path: str | Path | None, examples: Iterable[Mapping[str, Any]], 
     from peft import LoraConfig, get_peft_model
 
     base = load_llama(path)
+    n_layer = base.config.n_layer
+    first_trained = max(0, n_layer - config.lora_layers) if config.lora_layers else 0
+    layers = list(range(first_trained, n_layer))
     lcfg = LoraConfig(r=config.rank, lora_alpha=config.alpha, target_modules=list(config.target_modules),
-                      lora_dropout=0.0, bias="none", use_rslora=config.use_rslora)
+                      lora_dropout=0.0, bias="none", use_rslora=config.use_rslora,
+                      layers_to_transform=layers if first_trained else None,
+                      layers_pattern="layers" if first_trained else None)
     model = get_peft_model(base, lcfg)
+    if first_trained:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            cache_frozen_layers(base, data, first_trained, config.batch_size)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     batches_per_epoch = math.ceil(len(data) / config.batch_size)
@@ -193,7 +233,7 @@ def train(model_path: str | Path | None, examples: Iterable[Mapping[str, Any]], 
                 if cancel is not None and cancel.is_set():
                     raise TrainingCancelled("training cancelled; no adapter written")
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                    loss, n = completion_loss(model.base_model.model, batch)
+                    loss, n = completion_loss(model.base_model.model, batch, first_trained=first_trained)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -216,5 +256,6 @@ def train(model_path: str | Path | None, examples: Iterable[Mapping[str, Any]], 
     gguf_path = export.write_gguf_adapter(out / f"{name}.gguf", weights, base.config, config.alpha, config.rank,
                                           config.use_rslora, metadata=meta)
     peft_dir = export.write_peft_adapter(out / f"{name}-peft", weights, config.alpha, config.rank,
-                                         config.use_rslora, base_model=Path(path).name)
+                                         config.use_rslora, base_model=Path(path).name,
+                                         layers=layers if first_trained else None)
     return TrainResult(gguf_path, peft_dir, step, tokens, seconds, losses)

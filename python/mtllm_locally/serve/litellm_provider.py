@@ -41,9 +41,12 @@ from litellm.llms.custom_llm import CustomLLMError  # noqa: E402
 from litellm.types.utils import ChatCompletionMessageToolCall, Choices, Function, Message, ModelResponse, Usage  # noqa: E402
 
 from .. import errors  # noqa: E402
+from ..chat import for_template  # noqa: E402
 from ..engine import Completion, SamplingParams  # noqa: E402
 from . import recorder  # noqa: E402
+from .deploy import BASE, Route, router  # noqa: E402
 from .engines import shared_engine  # noqa: E402
+from . import teacher as teaching  # noqa: E402
 
 PROVIDER = "mtllm_locally"
 SAMPLING_KEYS = {"temperature", "top_p", "top_k", "min_p", "seed", "stop", "repeat_penalty"}
@@ -72,43 +75,6 @@ def _status(e: Exception) -> int:
     return 500
 
 
-def _tool_call_text(call: dict) -> str:
-    fn = call.get("function", {})
-    args = fn.get("arguments", "{}")
-    try:
-        args = json.loads(args) if isinstance(args, str) else args
-    except json.JSONDecodeError:
-        pass
-    return json.dumps({"name": fn.get("name"), "arguments": args})
-
-
-def normalize_messages(messages: list[dict], tools: list | None, template_source: str) -> list[dict]:
-    """Make OpenAI tool traffic readable by templates that know only role + content:
-    prior tool calls become the JSON the model emits, and the tools are described in
-    the system message when the template cannot render them."""
-    out = []
-    for m in messages:
-        m = dict(m)
-        if m.get("role") == "assistant" and m.get("tool_calls") and "tool_calls" not in template_source:
-            text = "\n".join(_tool_call_text(c) for c in m["tool_calls"])
-            m["content"] = ((m.get("content") or "") + ("\n" if m.get("content") else "") + text)
-            m.pop("tool_calls")
-        if m.get("role") == "tool" and "tool" not in template_source:
-            m = {"role": "user", "content": f"Tool result ({m.get('name') or m.get('tool_call_id', '')}): "
-                                            f"{m.get('content') if isinstance(m.get('content'), str) else json.dumps(m.get('content'))}"}
-        out.append(m)
-    if tools and "tools" not in template_source:
-        desc = "\n".join(json.dumps({"name": t["function"]["name"], "description": t["function"].get("description", ""),
-                                     "parameters": t["function"].get("parameters", {})}) for t in tools)
-        note = ("You can call one of these tools by answering with a JSON object "
-                '{"name": <tool name>, "arguments": {...}}:\n' + desc)
-        if out and out[0].get("role") == "system":
-            out[0] = dict(out[0], content=f"{out[0].get('content') or ''}\n\n{note}")
-        else:
-            out.insert(0, {"role": "system", "content": note})
-    return out
-
-
 @dataclass
 class Call:
     model: str
@@ -118,6 +84,10 @@ class Call:
     tools: list | None
     temperature: float
     metadata: dict | None = None
+    task: str = ""                    # recorder.task_key: the Jac function + what defines it
+    function: str | None = None
+    engine: Any = None
+    route: Route = BASE               # the adapter deployed for this task, if any
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -207,25 +177,32 @@ def prepare(model: str, messages: list, optional_params: dict, litellm_params: d
     if tools:
         kw["tools"] = tools
         kw["tool_choice"] = tool_choice
+    eng = shared_engine(model)
+    task_key = recorder.task_key(task, messages, response_format, tools)
+    route = router.route(eng, task_key, recorder.store_or_none()) if task else BASE
+    if route.adapters:
+        kw["adapters"] = list(route.adapters)
     return Call(model=model, messages=messages, kw=kw, n=n, tools=tools, temperature=temperature,
-                metadata=(litellm_params or {}).get("metadata"))
+                metadata=(litellm_params or {}).get("metadata"), task=task_key, function=task, engine=eng,
+                route=route)
 
 
 def capture(call: Call, c: Completion, text: str) -> None:
     calls = _tool_calls(text, call.tools)
     recorder.record_turn(
-        metadata=call.metadata, model=f"{PROVIDER}/{call.model}", messages=call.messages,
+        metadata=call.metadata, task=call.task, model=f"{PROVIDER}/{call.model}", messages=call.messages,
         response_format=call.kw.get("response_format"), tools=call.tools, output_text=None if calls else text,
         tool_calls=calls, finish_reason="tool_calls" if calls else c.finish_reason,
         latency_ms=1000 * (time.perf_counter() - call.started), prompt_tokens=c.prompt_tokens,
-        completion_tokens=c.completion_tokens, cached_tokens=c.cached_tokens, temperature=call.temperature)
+        completion_tokens=c.completion_tokens, cached_tokens=c.cached_tokens, temperature=call.temperature,
+        adapter=call.route.adapter_id, model_path=call.engine.info.path)
 
 
 def _request(call: Call, i: int) -> tuple[Any, dict]:
     """The shared engine and the Engine.submit kwargs for choice `i` of a call."""
-    eng = shared_engine(call.model)
+    eng = call.engine
     kw = dict(call.kw)
-    kw["messages"] = normalize_messages(call.messages, call.tools, eng.chat_template.source)
+    kw["messages"] = for_template(call.messages, call.tools, eng.chat_template.source)
     if i > 0 and kw.get("seed") is not None:  # n > 1: distinct samples, still reproducible
         kw["seed"] = (kw["seed"] + i) % (2**32 - 1)
     return eng, kw
@@ -281,6 +258,10 @@ class MtllmLocallyLLM(CustomLLM):
                    headers={}, timeout=None, client=None) -> ModelResponse:
         try:
             call = prepare(model, messages, optional_params, litellm_params)
+            teacher = teaching.teacher_for(call)
+            if teacher:  # the student runs in shadow (one sample) while the teacher answers
+                shadow = [call.engine.submit(**_request(call, 0)[1])] if teacher.shadow else []
+                return teaching.answer(call, teacher, optional_params, shadow)
             reqs = [eng.submit(**kw) for eng, kw in (_request(call, i) for i in range(call.n))]
             return build_response(model_response, model, call, [r.result() for r in reqs])
         except errors.MtllmError as e:
@@ -291,6 +272,15 @@ class MtllmLocallyLLM(CustomLLM):
                           logger_fn=None, headers={}, timeout=None, client=None) -> ModelResponse:
         try:
             call = prepare(model, messages, optional_params, litellm_params)
+            teacher = teaching.teacher_for(call)
+            if teacher:
+                shadow = [call.engine.agenerate(**_request(call, 0)[1])] if teacher.shadow else []
+                *students, response = await asyncio.gather(*shadow, teaching.aanswer(call, teacher, optional_params),
+                                                           return_exceptions=True)
+                if isinstance(response, BaseException):
+                    raise response
+                teaching.record(call, teacher, response, [s for s in students if not isinstance(s, BaseException)])
+                return response
             outs = await asyncio.gather(*[eng.agenerate(**kw) for eng, kw in (_request(call, i) for i in range(call.n))])
             return build_response(model_response, model, call, list(outs))
         except errors.MtllmError as e:

@@ -24,15 +24,33 @@ _store: Store | None = None
 _store_path: str | None = None
 _disabled = os.environ.get("MTLLM_LOCALLY_CAPTURE", "1") == "0"
 last_invocation: contextvars.ContextVar[str | None] = contextvars.ContextVar("mtllm_last_invocation", default=None)
+# Set while a teacher answers for the student: a teacher served by our own provider
+# must not be captured as a call of its own.
+suppressed: contextvars.ContextVar[bool] = contextvars.ContextVar("mtllm_capture_suppressed", default=False)
+_learner = None
 
 
 def configure(path: str | os.PathLike | None = None, enabled: bool = True) -> None:
     """Where calls are captured (default ./.mtllm_locally/calls.sqlite3), or switch capture off."""
-    global _store, _store_path, _disabled
+    global _store, _store_path, _disabled, _learner
     with _lock:
         if _store is not None:
             _store.close()
-        _store, _store_path, _disabled = None, None if path is None else str(path), not enabled
+        _store, _store_path, _disabled, _learner = None, None if path is None else str(path), not enabled, None
+
+
+def learner():
+    """The learning loop's trigger for this process's store (started on first use)."""
+    global _learner
+    st = store()
+    if st is None:
+        return None
+    with _lock:
+        if _learner is None or _learner.store is not st:
+            from ..learn.loop import Learner
+
+            _learner = Learner(st)
+        return _learner
 
 
 def store() -> Store | None:
@@ -43,6 +61,15 @@ def store() -> Store | None:
         if _store is None:
             _store = Store(_store_path)
         return _store
+
+
+def store_or_none() -> Store | None:
+    """The store for reads on the call path: a broken store means no routing, not a failed call."""
+    try:
+        return store()
+    except Exception as e:
+        log.warning("call store unavailable (serving the base model): %s: %s", type(e).__name__, e)
+        return None
 
 
 def task_key(function: str | None, messages: list, response_format: Any, tools: Any) -> str:
@@ -61,9 +88,14 @@ def safely(fn, *args, **kwargs) -> None:
         log.warning("call capture failed (the call itself succeeded): %s: %s", type(e).__name__, e)
 
 
-def record_turn(*, metadata: dict | None, model: str, messages: list, response_format: Any, tools: Any,
-                output_text: str | None, tool_calls: Any, finish_reason: str, latency_ms: float,
-                prompt_tokens: int, completion_tokens: int, cached_tokens: int, temperature: float) -> None:
+def record_turn(*, metadata: dict | None, task: str, model: str, messages: list, response_format: Any,
+                tools: Any, output_text: str | None, tool_calls: Any, finish_reason: str, latency_ms: float,
+                prompt_tokens: int, completion_tokens: int, cached_tokens: int, temperature: float,
+                adapter: str | None = None, source: str = "model", shadow_output: str | None = None,
+                model_path: str | None = None) -> None:
+    if suppressed.get():
+        return
+
     def write():
         st = store()
         if st is None:
@@ -71,12 +103,18 @@ def record_turn(*, metadata: dict | None, model: str, messages: list, response_f
         meta = metadata or {}
         inv = meta.get("jac_invocation_id") or f"anon-{uuid.uuid4()}"
         fn = meta.get("jac_caller_name")
-        st.record_turn(invocation_id=inv, task_key=task_key(fn, messages, response_format, tools), function=fn,
-                       model=model, messages=messages, response_format=response_format, tools=tools,
-                       output_text=output_text, tool_calls=tool_calls, finish_reason=finish_reason,
-                       latency_ms=latency_ms, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                       cached_tokens=cached_tokens, temperature=temperature)
+        st.record_turn(invocation_id=inv, task_key=task, function=fn, model=model, messages=messages,
+                       response_format=response_format, tools=tools, output_text=output_text,
+                       tool_calls=tool_calls, finish_reason=finish_reason, latency_ms=latency_ms,
+                       prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, cached_tokens=cached_tokens,
+                       temperature=temperature, adapter=adapter, source=source, shadow_output=shadow_output)
         last_invocation.set(inv)
+        if model_path and fn:
+            from ..learn.loop import TaskRef
+
+            lrn = learner()
+            if lrn is not None:
+                lrn.nudge(TaskRef(task, fn, model_path))
 
     safely(write)
 
@@ -103,5 +141,29 @@ def feedback(invocation_id: str | None = None, *, correct: bool | None = None, s
     st = store()
     if st is None:
         raise RuntimeError("call capture is switched off")
-    st.add_feedback(inv, correct=correct, score=score, corrected_output=corrected_output, note=note)
+    st.add_feedback(inv, correct=correct, score=score, corrected_output=_plain_value(corrected_output), note=note)
+    lrn = _learner
+    if lrn is not None:
+        lrn.wake()  # a correction is a new labelled example
     return inv
+
+
+def _plain_value(v: Any) -> Any:
+    """A corrected output as JSON-able data: enums by value (byllm's schema encodes
+    them so), dataclasses and pydantic models as dicts."""
+    import dataclasses
+    import enum
+
+    if isinstance(v, enum.Enum):
+        return v.value
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {k: _plain_value(x) for k, x in dataclasses.asdict(v).items()}
+    if hasattr(v, "model_dump"):
+        return v.model_dump()
+    if isinstance(v, (list, tuple)):
+        return [_plain_value(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _plain_value(x) for k, x in v.items()}
+    if hasattr(v, "__dict__") and not isinstance(v, (str, int, float, bool)):
+        return {k: _plain_value(x) for k, x in vars(v).items() if not k.startswith("_")}
+    return v

@@ -1,0 +1,103 @@
+"""The eval gate: a candidate adapter against the version serving the task now,
+both run through the engine on the task's held-out examples, exactly as served
+(same template adaptation, same constrained decoding, greedy).
+
+Metric: exact match of the typed output (JSON compared as values, so key order and
+spacing do not matter); for objects, the fraction of the expected fields that are
+right, so a candidate that fixes one field of three still counts. The task's score
+is the mean over held-out examples.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ..chat import for_template
+from ..engine import Engine
+from ..errors import MtllmError
+from .dataset import Example
+
+
+def _value(text: str) -> Any:
+    try:
+        v = json.loads(text)
+    except (json.JSONDecodeError, TypeError):
+        return text.strip() if isinstance(text, str) else text
+    if isinstance(v, dict) and list(v) == ["schema_object_wrapper"]:
+        return v["schema_object_wrapper"]
+    return v
+
+
+def field_score(predicted: str, expected: str) -> tuple[bool, float]:
+    """(exact match, fraction of expected fields right)."""
+    p, e = _value(predicted), _value(expected)
+    if p == e:
+        return True, 1.0
+    if isinstance(e, dict) and isinstance(p, dict) and e:
+        return False, sum(p.get(k) == v for k, v in e.items()) / len(e)
+    return False, 0.0
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    score: float          # mean per-field score: the gate's number
+    exact: float          # fraction exactly right
+    n: int
+    predictions: list[str]
+
+    def as_dict(self) -> dict:
+        return {"score": self.score, "exact": self.exact, "n": self.n}
+
+
+def evaluate(engine: Engine, examples: Sequence[Example], adapters: Sequence[tuple[int, float]] = ()) -> EvalResult:
+    """All examples are submitted at once: they share decode batches (and the task's
+    common prompt prefix in the KV cache)."""
+    if not examples:
+        raise ValueError("nothing to evaluate")
+    reqs = []
+    for ex in examples:
+        kw: dict[str, Any] = {"messages": for_template(ex.messages, ex.tools, engine.chat_template.source),
+                              "temperature": 0.0, "adapters": list(adapters),
+                              "max_tokens": min(1024, len(engine.tokenize(ex.completion, add_special=False)) + 32)}
+        if ex.response_format:
+            kw["response_format"] = ex.response_format
+        if ex.tools:
+            kw["tools"], kw["tool_choice"] = ex.tools, "required"
+        reqs.append(engine.submit(**kw))
+    preds, exact, fields = [], 0, 0.0
+    for r, ex in zip(reqs, examples):
+        try:
+            text = r.result().text
+        except MtllmError as e:  # e.g. a held-out prompt longer than this engine's context
+            text = f"<error: {e}>"
+        ok, f = field_score(text, ex.completion)
+        preds.append(text)
+        exact += ok
+        fields += f
+    return EvalResult(score=fields / len(examples), exact=exact / len(examples), n=len(examples), predictions=preds)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    passed: bool
+    candidate: EvalResult
+    baseline: EvalResult
+    margin: float
+    reason: str
+
+    def metrics(self) -> dict:
+        return {"candidate_score": self.candidate.score, "candidate_exact": self.candidate.exact,
+                "baseline_score": self.baseline.score, "baseline_exact": self.baseline.exact,
+                "n_heldout": self.candidate.n, "margin": self.margin, "passed": self.passed, "reason": self.reason}
+
+
+def judge(candidate: EvalResult, baseline: EvalResult, *, margin: float, min_heldout: int) -> Verdict:
+    if candidate.n < min_heldout:
+        return Verdict(False, candidate, baseline, margin, f"only {candidate.n} held-out examples (< {min_heldout})")
+    if candidate.score >= baseline.score + margin:
+        return Verdict(True, candidate, baseline, margin,
+                       f"{candidate.score:.3f} beats {baseline.score:.3f} by >= {margin}")
+    return Verdict(False, candidate, baseline, margin,
+                   f"{candidate.score:.3f} does not beat {baseline.score:.3f} by {margin}")
