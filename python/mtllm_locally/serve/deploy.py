@@ -48,7 +48,7 @@ class Router:
         return self._bases[path]
 
     def _refresh(self, store: Store) -> None:
-        stamp = store.data_version()
+        stamp = (id(store), *store.data_version())
         if stamp == self._stamp:
             return
         rows = store.rows("SELECT d.task_key, d.base, d.adapter_id, a.path, a.metrics_json FROM deployments d "
