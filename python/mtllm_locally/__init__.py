@@ -27,4 +27,5 @@ from .engine import (
     route_llama_logs_to_logging,
     silence_llama_logs,
 )
+from .learn.policy import configure as configure_learning
 from .serve.recorder import feedback

@@ -17,7 +17,13 @@ def _train(**kw):
     return train.run(**kw)
 
 
-SECTIONS = {"inference": inference.run, "adapters": adapters.run, "jac": _jac, "train": _train}
+def _loop(**kw):
+    from . import loop  # needs the jac and train extras
+
+    return loop.run(**kw)
+
+
+SECTIONS = {"inference": inference.run, "adapters": adapters.run, "jac": _jac, "train": _train, "loop": _loop}
 
 
 def main(argv=None) -> int:
