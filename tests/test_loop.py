@@ -149,3 +149,18 @@ def test_feedback_shapes_the_dataset(loop_env):
     held = {e.input_key for e in again if e.heldout}
     assert held == {e.input_key for e in task_examples(st, "classify:t", heldout_percent=20) if e.heldout}
     assert held <= {e.input_key for e in task_examples(st, "classify:t", heldout_percent=60) if e.heldout}
+
+
+def test_teacher_json_is_trained_in_the_form_the_engine_emits(loop_env):
+    from mtllm_locally.learn.dataset import completion_for, task_examples
+
+    st = recorder.store()
+    st.record_turn(invocation_id="spaced", task_key="classify:t", function="classify", model="oracle/x",
+                   messages=messages(5, "sky"), response_format=RF, output_text='{ "schema_object_wrapper": 2 }',
+                   finish_reason="stop", latency_ms=1, prompt_tokens=1, completion_tokens=1, source="teacher:o")
+    st.finish_call("spaced", accepted=True)
+    (ex,) = task_examples(st, "classify:t")
+    assert ex.completion == '{"schema_object_wrapper":2}'
+    assert completion_for("free text", {"type": "text"}) == "free text"
+    assert completion_for({"b": 1, "a": 2}, {"type": "json_schema", "json_schema": {"schema": {
+        "properties": {"a": {}, "b": {}}}}}) == '{"a":2,"b":1}'

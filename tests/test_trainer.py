@@ -195,3 +195,31 @@ def test_upper_layer_adapter_matches_torch_peft(tiny_model_path, tmp_path):
         a = eng.load_adapter(res.gguf_path)
         got = engine_logits(eng, ids, [(a, 1.0)])
     assert rel(got, lora_t) < 1e-5
+
+
+def test_shared_prefix_gives_the_same_loss_and_gradient(tiny_model_path):
+    """The prompts of one task share their start; computing it once per batch must not
+    change the loss or the LoRA gradient."""
+    from peft import LoraConfig, get_peft_model
+
+    from mtllm_locally.learn.trainer import shared_prefix_length
+
+    tok = Tokenization(tiny_model_path)
+    data = prepare_examples(tok, [{"messages": [{"role": "system", "content": "You sort things by colour."},
+                                                {"role": "user", "content": f"item {i}: {w}"}], "completion": c}
+                                  for i, (w, c) in enumerate([("apple", "red"), ("sky", "blue"),
+                                                              ("grass is long", "green")])], 1024)
+    assert shared_prefix_length(data) >= 8
+    torch.manual_seed(0)
+    model = get_peft_model(load_llama(tiny_model_path), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0, init_lora_weights=False))
+    core = model.base_model.model
+    grads = []
+    for share in (False, True):
+        model.zero_grad()
+        loss, n = completion_loss(core, data, share_prefix=share)
+        loss.backward()
+        grads.append((float(loss), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (l0, g0), (l1, g1) = grads
+    assert abs(l0 - l1) < 1e-5 * abs(l0)
+    for a, b in zip(g0, g1):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)

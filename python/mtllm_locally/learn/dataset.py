@@ -62,8 +62,9 @@ def completion_for(value: Any, response_format: Any) -> str:
     engine would emit: compact JSON, byllm's `schema_object_wrapper` added when the
     schema has it and the value lacks it, keys in schema order."""
     schema = _schema(response_format)
-    if schema is None and not isinstance(response_format, dict):
-        return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    is_json = isinstance(response_format, dict) and response_format.get("type") in ("json_schema", "json_object")
+    if not is_json:
+        return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), ensure_ascii=False)
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -117,6 +118,9 @@ def task_examples(store: Store, task_key: str, *, heldout_percent: int = 20, tra
                     label = "confirmed"
             if completion is None:
                 continue
+            if response_format and label != "corrected":
+                # a teacher may space its JSON; the engine emits it compact, so train on that
+                completion = completion_for(completion, response_format)
             if label == "model" and (train_on == "labelled" or call["accepted"] != 1):
                 continue  # the model's own output, not vouched for (byllm's verdict is the least)
             messages = json.loads(t["messages_json"])

@@ -78,15 +78,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.n_embd, c.n_head_kv * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.n_head * c.head_dim, c.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, mask):
+    def qkv(self, x, cos, sin):
         B, T, _ = x.shape
         c = self.c
         q = self.q_proj(x).view(B, T, c.n_head, c.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, c.n_head_kv, c.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, c.n_head_kv, c.head_dim).transpose(1, 2)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=c.n_head != c.n_head_kv)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+    def attend(self, q, k, v, mask):
+        B, _, T, _ = q.shape
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.c.n_head != self.c.n_head_kv)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def forward(self, x, cos, sin, mask):
+        return self.attend(*self.qkv(x, cos, sin), mask)
 
 
 def _rotate_half(x):
@@ -117,6 +123,18 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_shared_prefix(self, xp, xs, rope_p, rope_s, mask_p, mask_s):
+        """One prefix (1, P, E) that every row of xs (B, S, E) continues: the prefix is
+        computed once and its keys/values are shared by all rows."""
+        qp, kp, vp = self.self_attn.qkv(self.input_layernorm(xp), *rope_p)
+        qs, ks, vs = self.self_attn.qkv(self.input_layernorm(xs), *rope_s)
+        B = xs.shape[0]
+        k = torch.cat([kp.expand(B, -1, -1, -1), ks], dim=2)
+        v = torch.cat([vp.expand(B, -1, -1, -1), vs], dim=2)
+        xp = xp + self.self_attn.attend(qp, kp, vp, mask_p)
+        xs = xs + self.self_attn.attend(qs, k, v, mask_s)
+        return xp + self.mlp(self.post_attention_layernorm(xp)), xs + self.mlp(self.post_attention_layernorm(xs))
+
 
 class Backbone(nn.Module):
     def __init__(self, c: LlamaConfig):
@@ -138,17 +156,36 @@ class LlamaForCausalLM(nn.Module):
         x = self.model.embed_tokens(ids)
         return self.model.norm(self.run_layers(x, attention_mask, 0, self.config.n_layer))
 
+    def _rope(self, start: int, T: int, dtype, device):
+        c = self.config
+        pos = torch.arange(start, start + T, device=device)
+        inv = c.rope_base ** (-torch.arange(0, c.head_dim, 2, device=device, dtype=torch.float32) / c.head_dim)
+        ang = pos[:, None].float() * inv[None, :]
+        return (torch.cat([ang.cos(), ang.cos()], -1)[None, None].to(dtype),
+                torch.cat([ang.sin(), ang.sin()], -1)[None, None].to(dtype))
+
+    def run_shared_prefix(self, xp: torch.Tensor, xs: torch.Tensor, suffix_mask: torch.Tensor) -> torch.Tensor:
+        """All blocks on a shared prefix xp (1, P, E) and right-padded continuations xs
+        (B, S, E); returns the continuations' hidden states. Same result as running each
+        full sequence, with the prefix's compute done once instead of B times."""
+        P, S = xp.shape[1], xs.shape[1]
+        rope_p = self._rope(0, P, xp.dtype, xp.device)
+        rope_s = self._rope(P, S, xs.dtype, xs.device)
+        mask_p = torch.ones(P, P, dtype=torch.bool, device=xp.device).tril()[None, None]
+        causal = torch.ones(S, S, dtype=torch.bool, device=xs.device).tril()
+        keys = torch.cat([torch.ones(xs.shape[0], P, dtype=torch.bool, device=xs.device), suffix_mask.bool()], 1)
+        mask_s = torch.cat([torch.ones(S, P, dtype=torch.bool, device=xs.device), causal], 1)[None, None] \
+            & keys[:, None, None, :]
+        for layer in self.model.layers:
+            xp, xs = layer.forward_shared_prefix(xp, xs, rope_p, rope_s, mask_p, mask_s)
+        return xs
+
     def run_layers(self, x: torch.Tensor, attention_mask: torch.Tensor | None, start: int, end: int) -> torch.Tensor:
         """Blocks start..end-1 on hidden states x (B, T, E). With right padding a real
         token never sees a pad (causal mask), so a layer's output for an example does
         not depend on the batch it was computed in: the trainer caches frozen layers."""
-        c = self.config
-        B, T, _ = x.shape
-        pos = torch.arange(T, device=x.device)
-        inv = c.rope_base ** (-torch.arange(0, c.head_dim, 2, device=x.device, dtype=torch.float32) / c.head_dim)
-        ang = pos[:, None].float() * inv[None, :]
-        cos = torch.cat([ang.cos(), ang.cos()], -1)[None, None].to(x.dtype)
-        sin = torch.cat([ang.sin(), ang.sin()], -1)[None, None].to(x.dtype)
+        T = x.shape[1]
+        cos, sin = self._rope(0, T, x.dtype, x.device)
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         mask = causal[None, None] if attention_mask is None else causal[None, None] & attention_mask[:, None, None, :].bool()
         for layer in self.model.layers[start:end]:

@@ -147,8 +147,26 @@ def cache_frozen_layers(model: LlamaForCausalLM, data: list[Example], first_trai
                 e.frozen = x[b, : len(e.prompt_ids) + len(e.completion_ids)].clone()
 
 
+MIN_SHARED_PREFIX = 8  # below this the bookkeeping costs more than it saves
+
+
+def shared_prefix_length(batch: list[Example]) -> int:
+    """Tokens every prompt of the batch starts with, leaving each at least its last
+    prompt token (the first loss position) in its own part."""
+    if len(batch) < 2:
+        return 0
+    n = min(len(e.prompt_ids) for e in batch) - 1
+    first = batch[0].prompt_ids
+    for e in batch[1:]:
+        k = 0
+        while k < n and e.prompt_ids[k] == first[k]:
+            k += 1
+        n = k
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
 def completion_loss(model: LlamaForCausalLM, batch: list[Example], pad_id: int = 0,
-                    first_trained: int = 0) -> tuple[torch.Tensor, int]:
+                    first_trained: int = 0, share_prefix: bool = True) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over completion tokens; logits only at those positions."""
     ids, mask = _padded(batch, pad_id)
     rows, cols, targets = [], [], []
@@ -158,13 +176,19 @@ def completion_loss(model: LlamaForCausalLM, batch: list[Example], pad_id: int =
             rows.append(b)
             cols.append(start + j)
             targets.append(tok)
-    if first_trained:
+    P = shared_prefix_length(batch) if share_prefix and not first_trained else 0
+    if P:
+        # Prompts of one task share their start (system text, instructions): compute it once.
+        xp = model.model.embed_tokens(ids[:1, :P])
+        h = model.model.norm(model.run_shared_prefix(xp, model.model.embed_tokens(ids[:, P:]), mask[:, P:]))
+        cols = [c - P for c in cols]
+    elif first_trained:
         x = torch.zeros((*ids.shape, model.config.n_embd), dtype=batch[0].frozen.dtype)
         for b, e in enumerate(batch):
             x[b, : len(e.frozen)] = e.frozen
+        h = model.model.norm(model.run_layers(x, mask, first_trained, model.config.n_layer))
     else:
-        x = model.model.embed_tokens(ids)
-    h = model.model.norm(model.run_layers(x, mask, first_trained, model.config.n_layer))
+        h = model.model.norm(model.run_layers(model.model.embed_tokens(ids), mask, 0, model.config.n_layer))
     picked = h[torch.tensor(rows), torch.tensor(cols)]
     logits = model.lm_head(picked).float()
     return torch.nn.functional.cross_entropy(logits, torch.tensor(targets)), len(targets)
