@@ -25,7 +25,8 @@ from ..learn.dataset import Example
 from ..learn.gate import evaluate
 from ..learn.registry import Registry
 from ..learn.store import Store
-from .train import PRODUCTS, dataset
+from .oracle import PRODUCTS
+from .train import dataset
 
 GOALS = {"loop_accuracy_gain": "> 1", "after": ">= 0.9", "calls_until_first_promotion": "<= 200"}
 PROGRAM = Path(__file__).with_name("loop_program.jac")
@@ -88,8 +89,8 @@ def _watch(store: Store, reg: Registry, out_file: Path, proc, stop: Path, deadli
 
 def run(quick: bool = False, log=print) -> dict:
     work = Path(tempfile.mkdtemp(prefix="mtllm-loop-bench-"))
-    stream = [t for t, _ in dataset(600, seed=1)]
-    test = [x for x in dataset(240 if not quick else 80, seed=2) if x[0] not in set(stream)]
+    stream = [t for t, _ in dataset(600, seed=1, products=PRODUCTS)]
+    test = [x for x in dataset(240 if not quick else 80, seed=2, products=PRODUCTS) if x[0] not in set(stream)]
     min_new = 100
     shutil.copy(PROGRAM, work / PROGRAM.name)
     (work / "jac.toml").write_text(JAC_TOML.format(min_new=min_new))
@@ -127,7 +128,7 @@ def run(quick: bool = False, log=print) -> dict:
     log("[3/3] the program's calls over time")
     promotions = [r for r in reg.log(task) if r["action"] == "promote"]
     first = promotions[0] if promotions else None
-    truth = {t: team for t, team in dataset(600, seed=1)}
+    truth = {t: team for t, team in dataset(600, seed=1, products=PRODUCTS)}
     timeline, served_by = [], store.rows("SELECT inputs_json, source, adapter FROM calls ORDER BY created_at")
     for k, c in enumerate(calls):
         deployed = next((p["adapter_id"] for p in reversed(promotions) if p["created_at"] <= c["t"]), None)

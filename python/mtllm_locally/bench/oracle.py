@@ -1,6 +1,7 @@
 """The loop bench's teacher: a LiteLLM custom provider `oracle/<task>` that knows
-the right answer to the bench's routing task (the invented product -> team table).
-It stands in for a big cloud or local model; importing this module registers it."""
+the right answer to the bench's routing task (a company's product line -> team
+table, arbitrary, so the base model sits near chance). It stands in for a big cloud
+or local model; importing this module registers it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import litellm
 from litellm import CustomLLM
 from litellm.types.utils import Choices, Message, ModelResponse, Usage
 
-from .train import PRODUCTS
+# Which team handles which product line: the company's own rule, nothing a model could know.
+PRODUCTS = {"printer": 1, "laptop": 2, "router": 3, "phone": 4, "monitor": 1, "keyboard": 2, "camera": 3,
+            "speaker": 4}
 
 
 def team_for(text: str) -> int | None:

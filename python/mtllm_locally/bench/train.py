@@ -41,13 +41,13 @@ def messages(ticket: str) -> list[dict]:
                                         "- schema_object_wrapper must be one of: 1=TEAM_A, 2=TEAM_B, 3=TEAM_C, 4=TEAM_D"}]
 
 
-def dataset(n: int, seed: int) -> list[tuple[str, int]]:
+def dataset(n: int, seed: int, products: dict[str, int] = PRODUCTS) -> list[tuple[str, int]]:
     rng = random.Random(seed)
-    names = list(PRODUCTS)
+    names = list(products)
     out = []
     for _ in range(n):
         p = rng.choice(names)
-        out.append((f"My {p} {rng.choice(ISSUES)}. Order #{rng.randint(1000, 9999)}.", PRODUCTS[p]))
+        out.append((f"My {p} {rng.choice(ISSUES)}. Order #{rng.randint(1000, 9999)}.", products[p]))
     return out
 
 
