@@ -22,7 +22,7 @@ from mtllm_locally.learn.trainer import (  # noqa: E402
 
 EXAMPLES = [{"messages": [{"role": "user", "content": f"Classify item {i}: {['apple', 'sky', 'grass'][i % 3]}"}],
              "completion": ["red", "blue", "green"][i % 3]} for i in range(24)]
-CFG = TrainConfig(epochs=2, batch_size=4, learning_rate=5e-3, bf16=False)
+CFG = TrainConfig(epochs=2, batch_size=4, learning_rate=5e-3, bf16=False, min_steps=0)
 
 
 def torch_peft_logits(base_path, peft_dir, ids):
@@ -149,7 +149,7 @@ def test_parity_on_the_real_default_model(tmp_path):
     reported alongside."""
     served = models.resolve(None)
     f32 = models.convert(served, models.FTYPE_F32)  # the served weights, dequantized exactly
-    res = train(None, EXAMPLES[:8], TrainConfig(epochs=1, batch_size=4, learning_rate=2e-3), tmp_path, progress=False)
+    res = train(None, EXAMPLES[:8], TrainConfig(epochs=1, batch_size=4, learning_rate=2e-3, min_steps=0), tmp_path, progress=False)
     ids = Tokenization(str(served)).prompt_ids(EXAMPLES[2]["messages"])
     base_t, lora_t = torch_peft_logits(str(served), res.peft_dir, ids)
     assert np.abs(lora_t - base_t).max() > 0.05   # the adapter does something
@@ -179,7 +179,7 @@ def test_cached_frozen_layers_give_the_same_loss(tiny_model_path):
 
 
 def test_upper_layer_adapter_matches_torch_peft(tiny_model_path, tmp_path):
-    cfg = TrainConfig(epochs=2, batch_size=4, learning_rate=5e-3, bf16=False, lora_layers=1)
+    cfg = TrainConfig(epochs=2, batch_size=4, learning_rate=5e-3, bf16=False, lora_layers=1, min_steps=0)
     res = train(tiny_model_path, EXAMPLES, cfg, tmp_path, progress=False)
     conf = json.loads((res.peft_dir / "adapter_config.json").read_text())
     n_layer = read_config(gguf.GGUFReader(tiny_model_path)).n_layer

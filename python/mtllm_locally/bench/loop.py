@@ -91,7 +91,7 @@ def run(quick: bool = False, log=print) -> dict:
     work = Path(tempfile.mkdtemp(prefix="mtllm-loop-bench-"))
     stream = [t for t, _ in dataset(600, seed=1, products=PRODUCTS)]
     test = [x for x in dataset(240 if not quick else 80, seed=2, products=PRODUCTS) if x[0] not in set(stream)]
-    min_new = 100
+    min_new = 160
     shutil.copy(PROGRAM, work / PROGRAM.name)
     (work / "jac.toml").write_text(JAC_TOML.format(min_new=min_new))
     (work / "tickets.json").write_text(json.dumps(stream))

@@ -96,6 +96,7 @@ class Learner:
         self.poll_s = poll_s
         self._tasks: dict[str, TaskRef] = {}
         self._wake = threading.Event()
+        self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._procs: list[subprocess.Popen] = []
         self._thread = threading.Thread(target=self._run, name="mtllm-learner", daemon=True)
@@ -107,6 +108,11 @@ class Learner:
         self._wake.set()
 
     def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        """No more checks (the store is about to close). Trainings already started go on."""
+        self._stopped.set()
         self._wake.set()
 
     def check_now(self) -> list[str]:
@@ -131,8 +137,9 @@ class Learner:
         return started
 
     def _run(self) -> None:
-        while True:
+        while not self._stopped.is_set():
             self._wake.wait(self.poll_s)
             time.sleep(0.5)  # let byllm's verdict on the call land first
             self._wake.clear()
-            self.check_now()
+            if not self._stopped.is_set():
+                self.check_now()

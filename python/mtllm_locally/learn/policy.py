@@ -25,7 +25,7 @@ class TaskPolicy:
     # accepted outputs -- a model trained on its own greedy answers learns nothing new and
     # entrenches its mistakes, and a gate scored against them always prefers the old model.
     train_on: str = "labelled"
-    min_new_examples: int = 32      # ~8 steps of batch 8 over 3 epochs: the least that moved the bench task
+    min_new_examples: int = 64      # a first training needs some variety; the trainer repeats small sets
     min_interval_s: float = 30.0    # between two trainings of any task: training shares the CPU
     heldout_percent: int = 20       # by a hash of the input, so an input is held out forever
     min_heldout: int = 8            # below this the gate cannot tell a better model from noise

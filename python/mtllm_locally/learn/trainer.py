@@ -41,19 +41,20 @@ class TrainConfig:
     rank: int = 8                 # enough for one function's behaviour; adapter stays ~2 MB on SmolLM2
     alpha: float = 16.0           # alpha = 2r: the usual scale, stable at the learning rate below
     target_modules: tuple[str, ...] = export.TARGET_MODULES
-    # Measured on `bench train` (200 examples, SmolLM2-135M): lr 1e-3 x 2 epochs learned the JSON
-    # scaffolding but not the label (held-out 0.22); 4e-3 x 3 epochs reached 1.00.
+    # Measured on the bench tasks (SmolLM2-135M, ~115-token prompts): the label sits on a loss
+    # plateau that a run leaves somewhere between ~50 and ~150 steps (lr 4e-3; 1e-2 and LoRA+
+    # did not leave it sooner). 160 steps left it every time we ran it; fewer mostly did not.
     learning_rate: float = 4e-3
     epochs: int = 3
+    min_steps: int = 160          # epochs are raised until training takes at least this many steps
+    max_epochs: int = 20          # ... but small datasets are not repeated more than this
     batch_size: int = 8
     max_length: int = 1024        # examples longer than this are refused, not truncated
     seed: int = 0
     threads: int = 0              # 0 = torch's default (all cores)
-    # bf16 autocast (None = where the CPU has it). On this project's CPU (AVX-512 BF16, no AMX)
-    # fp32 steps are 1.7x faster, yet on `bench train` fp32 never left the loss plateau the
-    # label sits on within 75 steps (4 runs: lr 4e-3/1e-2, +-shared prefix) while bf16 left it
-    # at step ~51 (2 of 2 runs). Learning first; `bf16=False` for speed on other tasks.
-    bf16: bool | None = None
+    # bf16 autocast. Off: on this project's CPU (AVX-512 BF16, no AMX) a step in fp32 is 1.7x
+    # faster (361 vs 217 tok/s); True or None (= where the CPU has bf16) on a CPU with AMX.
+    bf16: bool | None = False
     use_rslora: bool = False
     weight_decay: float = 0.0
     decay_from: float = 0.0       # fraction of training before the learning rate starts to decay
@@ -253,7 +254,9 @@ def train(model_path: str | Path | None, examples: Iterable[Mapping[str, Any]], 
     else:
         opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     batches_per_epoch = math.ceil(len(data) / config.batch_size)
-    total = batches_per_epoch * config.epochs
+    epochs = min(max(config.epochs, math.ceil(config.min_steps / batches_per_epoch)),
+                 max(config.epochs, config.max_epochs))
+    total = batches_per_epoch * epochs
     def lr_factor(s: int) -> float:  # warm-up over 10%, then flat until `decay_from`, then linear to 0
         start = config.decay_from * total
         decay = 1.0 if s < start else max(0.0, 1 - (s - start) / max(1.0, total - start))
@@ -268,7 +271,7 @@ def train(model_path: str | Path | None, examples: Iterable[Mapping[str, Any]], 
     t0, tokens, losses, step = time.perf_counter(), 0, [], 0
     model.train()
     try:
-        for _epoch in range(config.epochs):
+        for _epoch in range(epochs):
             for batch in _batches(data, config.batch_size, rng):
                 if cancel is not None and cancel.is_set():
                     raise TrainingCancelled("training cancelled; no adapter written")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import signal
@@ -31,16 +30,11 @@ from .registry import AdapterVersion, Registry
 from .store import Store
 
 
-def loop_train_config(policy: TaskPolicy, n_train: int):
-    """The trainer's defaults, with enough steps for a small first dataset."""
+def loop_train_config(policy: TaskPolicy):
+    """The trainer's defaults (which already raise epochs for small datasets), the task's overrides."""
     from .trainer import TrainConfig
 
-    cfg = TrainConfig(threads=policy.threads)
-    cfg = replace(cfg, **policy.train) if policy.train else cfg
-    if "epochs" not in policy.train:
-        steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
-        cfg = replace(cfg, epochs=min(12, max(cfg.epochs, math.ceil(60 / steps_per_epoch))))
-    return cfg
+    return TrainConfig(**{"threads": policy.threads, **policy.train})
 
 
 def run_job(store: Store, adapter_id: str, *, progress: bool = False, log=print) -> AdapterVersion:
@@ -61,9 +55,9 @@ def run_job(store: Store, adapter_id: str, *, progress: bool = False, log=print)
                                  train_on=policy.train_on, until=v.created_at)
         train_set, heldout = split(examples)
         data = snapshot(examples)
-        cfg = loop_train_config(policy, len(train_set))
+        cfg = loop_train_config(policy)
         log(f"{adapter_id}: training on {len(train_set)} examples ({len(heldout)} held out), "
-            f"{cfg.epochs} epochs, {policy.threads or 'all'} thread(s)")
+            f">= {cfg.min_steps} steps, {policy.threads or 'all'} thread(s)")
         staging = registry.staging_dir(v)
         with open(staging / "data.jsonl", "w") as f:
             for e in examples:

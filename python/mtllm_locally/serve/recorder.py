@@ -34,6 +34,8 @@ def configure(path: str | os.PathLike | None = None, enabled: bool = True) -> No
     """Where calls are captured (default ./.mtllm_locally/calls.sqlite3), or switch capture off."""
     global _store, _store_path, _disabled, _learner
     with _lock:
+        if _learner is not None:
+            _learner.stop()
         if _store is not None:
             _store.close()
         _store, _store_path, _disabled, _learner = None, None if path is None else str(path), not enabled, None
