@@ -1,5 +1,7 @@
 import os
 
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # tests import litellm before our provider
+
 import pytest
 
 from tiny_llama import TinyConfig, build_tiny_llama

@@ -1,5 +1,6 @@
 """Private by construction: importing and serving opens no socket."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -44,3 +45,28 @@ def test_no_socket_syscalls_under_strace_like_audit(tiny_model_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_provider_capture_and_learning_loop_open_no_socket(tiny_model_path, tmp_path):
+    """A captured call through LiteLLM, with routing and the loop's trigger thread, and the
+    CLI reading the store: no socket (our provider sets LiteLLM's offline cost map itself)."""
+    store = str(tmp_path / "calls.sqlite3")
+    code = textwrap.dedent(f"""
+        import sys
+        events = []
+        sys.addaudithook(lambda e, a: events.append(e) if e.startswith("socket.") else None)
+        from mtllm_locally.serve import litellm_provider, recorder
+        import litellm
+        recorder.configure({store!r})
+        r = litellm.completion(model="mtllm_locally/{tiny_model_path}", max_tokens=3,
+                               messages=[{{"role": "user", "content": "hi"}}],
+                               metadata={{"jac_caller_name": "f", "jac_invocation_id": "i1"}})
+        recorder.finish_call("i1", accepted=True)
+        from mtllm_locally.cli import main
+        main(["--store", {store!r}, "--json", "status"])
+        print(events)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "LITELLM_LOCAL_MODEL_COST_MAP"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

@@ -6,10 +6,13 @@ or local model; importing this module registers it."""
 from __future__ import annotations
 
 import json
+import os
 
-import litellm
-from litellm import CustomLLM
-from litellm.types.utils import Choices, Message, ModelResponse, Usage
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # before litellm loads: no cost-map fetch
+
+import litellm  # noqa: E402
+from litellm import CustomLLM  # noqa: E402
+from litellm.types.utils import Choices, Message, ModelResponse, Usage  # noqa: E402
 
 # Which team handles which product line: the company's own rule, nothing a model could know.
 PRODUCTS = {"printer": 1, "laptop": 2, "router": 3, "phone": 4, "monitor": 1, "keyboard": 2, "camera": 3,
