@@ -210,6 +210,8 @@ PYBIND11_MODULE(_engine, m) {
         .def("wait_ready", &Engine::wait_ready, py::arg("timeout_ms"), py::call_guard<py::gil_scoped_release>())
         .def("load_adapter", &Engine::load_adapter, py::arg("path"), py::call_guard<py::gil_scoped_release>())
         .def("unload_adapter", &Engine::unload_adapter, py::arg("id"), py::call_guard<py::gil_scoped_release>())
+        .def("set_threads", &Engine::set_threads, py::arg("n"))
+        .def_property_readonly("threads", &Engine::threads)
         .def("adapters", [](const Engine& e) {
                  py::list out;
                  for (const auto& a : e.adapters()) out.append(py::make_tuple(a.id, a.path));

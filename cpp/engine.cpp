@@ -54,6 +54,8 @@ Engine::Engine(std::shared_ptr<Model> model, const EngineParams& params)
     int threads = params_.n_threads > 0 ? params_.n_threads : int(std::max(1u, std::thread::hardware_concurrency()));
     cp.n_threads = threads;
     cp.n_threads_batch = threads;
+    configured_threads_ = threads;
+    applied_threads_.store(threads);
     cp.kv_unified = true;  // required by seq_cp prefix sharing, and one sequence may use all of n_ctx
     cp.no_perf = true;
     cp.flash_attn_type = params_.flash_attn < 0 ? LLAMA_FLASH_ATTN_TYPE_AUTO
@@ -337,6 +339,12 @@ int Engine::execute(const StepPlan& plan) {
             bool want_prompt_logits = r->params.logits_all && pos < int(r->prompt.size());
             batch_.logits[j] = (last && s.sample) || want_prompt_logits;
         }
+    }
+    int wanted = wanted_threads_.load();
+    int threads = wanted > 0 ? std::min(wanted, configured_threads_) : configured_threads_;
+    if (threads != applied_threads_.load()) {
+        llama_set_n_threads(ctx_, threads, threads);
+        applied_threads_.store(threads);
     }
     int64_t t0 = now_us();
     int ret = llama_decode(ctx_, batch_);

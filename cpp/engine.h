@@ -76,12 +76,21 @@ public:
     void unload_adapter(uint64_t id);
     std::vector<AdapterInfo> adapters() const;
 
+    // Threads for the next decodes (0 = the engine's configured count). Applied by the
+    // scheduler thread before its next llama_decode: ggml's workers spin, so an engine
+    // sharing its cores with a training process must use fewer threads, not be preempted.
+    void set_threads(int n) { wanted_threads_.store(n); }
+    int threads() const { return applied_threads_.load(); }
+
     EngineStats stats() const;
     int n_ctx() const { return n_ctx_; }
     int n_seq_max() const { return n_seq_max_; }
     const std::shared_ptr<Model>& model() const { return model_; }
 
 private:
+    std::atomic<int> wanted_threads_{0};
+    std::atomic<int> applied_threads_{0};
+    int configured_threads_ = 1;
     void loop();
     void admit();
     int execute(const StepPlan& plan);

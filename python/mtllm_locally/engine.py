@@ -441,6 +441,20 @@ class Engine:
         return self._native.adapters()
 
     # ---------------------------------------------------------------- lifecycle
+    def set_threads(self, n: int) -> None:
+        """Decode with n threads from the next step on (0 = as configured; never more).
+        For sharing the cores with a training process: ggml's workers spin-wait, so an
+        engine that keeps all its threads while another process holds a core slows down
+        many times over instead of by the core it lost."""
+        if not isinstance(n, int) or n < 0:
+            raise InvalidRequestError(f"threads must be an int >= 0, not {n!r}")
+        self._native.set_threads(n)
+
+    @property
+    def threads(self) -> int:
+        """Threads the last decode step used."""
+        return self._native.threads
+
     def stats(self) -> dict:
         return self._native.stats()
 

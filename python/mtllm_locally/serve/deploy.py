@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ class Router:
         self._deployed: dict[tuple[str, str], tuple[str, str, float | None]] = {}
         self._loaded: dict[int, dict[str, int]] = {}      # id(engine) -> adapter_id -> native adapter id
         self._bases: dict[str, str] = {}                  # model path -> fingerprint
+        self._training_threads = 0                        # cores a running training holds
 
     def base_of(self, engine: Engine) -> str:
         path = engine.info.path
@@ -56,13 +58,22 @@ class Router:
         self._deployed = {(r["task_key"], r["base"]): (r["adapter_id"], str(Path(r["path"]) / "adapter.gguf"),
                                                        json.loads(r["metrics_json"] or "{}").get("candidate_score"))
                           for r in rows}
+        running = store.rows("SELECT config_json FROM adapters WHERE status='training'")
+        self._training_threads = sum(max(1, json.loads(r["config_json"] or "{}").get("policy", {}).get("threads") or
+                                         (os.cpu_count() or 1)) for r in running)
         self._stamp = stamp
+
+    def share_cores(self, engine: Engine) -> None:
+        """While a training runs on this store, decode with the cores it leaves free."""
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        engine.set_threads(max(1, cores - self._training_threads) if self._training_threads else 0)
 
     def route(self, engine: Engine, task_key: str, store: Store | None) -> Route:
         if store is None:
             return BASE
         with self._lock:
             self._refresh(store)
+            self.share_cores(engine)
             hit = self._deployed.get((task_key, self.base_of(engine)))
             loaded = self._loaded.setdefault(id(engine), {})
             if hit is None:
