@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -97,7 +98,7 @@ def run(quick: bool = False, log=print) -> dict:
     (work / "tickets.json").write_text(json.dumps(stream))
     out_file, stop = work / "calls.jsonl", work / "STOP"
     env = dict(os.environ, BENCH_TICKETS=str(work / "tickets.json"), BENCH_OUT=str(out_file),
-               BENCH_STOP=str(stop), BENCH_PACE_S="0.5", BENCH_MAX_CALLS=str(len(stream)))
+               BENCH_STOP=str(stop), BENCH_PACE_S="0.5", BENCH_MAX_CALLS="100000")  # stopped by the harness
     env.pop("MTLLM_LOCALLY_STORE", None)
     log(f"[1/3] jac run {PROGRAM.name} in {work}: a ticket every 0.5 s; the loop trains after "
         f"{min_new} teacher-labelled calls")
@@ -108,6 +109,10 @@ def run(quick: bool = False, log=print) -> dict:
     reg = Registry(store)
     _watch(store, reg, out_file, proc, stop, t0 + (1200 if quick else 2400), after_promotion=40, log=log)
     program_output = proc.stdout.read() if proc.stdout else ""
+    running = reg.training()  # a follow-up training the loop started on its own: not part of the bench
+    if running is not None and running.pid:
+        os.kill(running.pid, signal.SIGTERM)
+        log(f"      stopped the follow-up training {running.adapter_id} (the bench ends here)")
     wall = time.time() - t0
     calls = [json.loads(line) for line in open(out_file)] if out_file.exists() else []
     if not calls:
@@ -152,6 +157,17 @@ def run(quick: bool = False, log=print) -> dict:
             f"{promoted.metrics['train_seconds']:.0f} s; held-out accuracy {before:.3f} -> {after:.3f}")
     else:
         log("      no promotion happened")
+    latency = {}
+    if promoted:
+        def p50(xs):
+            xs = sorted(xs)
+            return xs[len(xs) // 2] if xs else None
+        latency = {"before_training": p50([c["s"] for c in calls if c["t"] < promoted.created_at]),
+                   "during_training": p50([c["s"] for c in calls
+                                           if promoted.created_at <= c["t"] < (promoted.finished_at or 0)]),
+                   "after_promotion": p50([c["s"] for c in calls if c["t"] >= first["created_at"]])}
+        log("      call latency p50 (s): " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in latency.items()
+                                                      if v is not None))
     plot = None
     try:
         from ..learn.plot import plot_versions
@@ -166,5 +182,6 @@ def run(quick: bool = False, log=print) -> dict:
             "training_wall_s": (promoted.finished_at - promoted.created_at) if promoted else None,
             "n_train": promoted.data["n_train"] if promoted else None,
             "gate": promoted.metrics if promoted else None, "windows_of_50": windows, "plot": plot,
+            "latency_p50_s": latency,
             "workdir": str(work), "products": len(PRODUCTS),
             "ratios": {"loop_accuracy_gain": after / max(before, 1e-9)}}
