@@ -104,11 +104,7 @@ def cmd_feedback(args) -> int:
         except json.JSONDecodeError:
             corrected = args.output
     correct = True if args.correct else False if args.wrong else None
-    try:
-        store.add_feedback(args.invocation_id, correct=correct, corrected_output=corrected, note=args.note)
-    except (KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    store.add_feedback(args.invocation_id, correct=correct, corrected_output=corrected, note=args.note)
     print(f"feedback recorded for {args.invocation_id}")
     return 0
 
@@ -116,16 +112,11 @@ def cmd_feedback(args) -> int:
 def cmd_train(args) -> int:
     from .learn.loop import TaskRef, start_training
     from .learn.policy import policy_for
-    from .learn.registry import RegistryError
 
     store = _store(args)
     task = _resolve_task(store, args.task)
     ref = TaskRef(task["task_key"], task["function"], _model_path(store, task, args.model))
-    try:
-        v, proc = start_training(store, ref, policy_for(task["function"]))
-    except RegistryError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    v, proc = start_training(store, ref, policy_for(task["function"]))
     print(f"training {v.adapter_id} (pid {proc.pid}); log in {store.path.parent / 'logs'}")
     if args.wait:
         proc.wait()
@@ -167,30 +158,21 @@ def cmd_eval(args) -> int:
 
 
 def cmd_promote(args) -> int:
-    from .learn.registry import Registry, RegistryError
+    from .learn.registry import Registry
 
-    reg = Registry(_store(args))
-    try:
-        reg.promote(args.adapter_id, note=f"manual promote at {time.ctime()}")
-    except RegistryError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    Registry(_store(args)).promote(args.adapter_id, note=f"manual promote at {time.ctime()}")
     print(f"{args.adapter_id} now serves its task")
     return 0
 
 
 def cmd_rollback(args) -> int:
     from . import models
-    from .learn.registry import Registry, RegistryError
+    from .learn.registry import Registry
 
     store = _store(args)
     task = _resolve_task(store, args.task)
     base = models.fingerprint(_model_path(store, task, args.model))
-    try:
-        now = Registry(store).rollback(task["task_key"], base, note=f"manual rollback at {time.ctime()}")
-    except RegistryError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    now = Registry(store).rollback(task["task_key"], base, note=f"manual rollback at {time.ctime()}")
     print(f"{task['task_key']} is now served by {now or 'the base model'}")
     return 0
 
@@ -198,13 +180,9 @@ def cmd_rollback(args) -> int:
 def cmd_export(args) -> int:
     import shutil
 
-    from .learn.registry import Registry, RegistryError
+    from .learn.registry import Registry
 
-    try:
-        v = Registry(_store(args)).get(args.adapter_id)
-    except RegistryError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    v = Registry(_store(args)).get(args.adapter_id)
     src = v.gguf_path if args.format == "gguf" else Path(v.path) / "peft"
     if not src.exists():
         print(f"error: {v.adapter_id} has no {args.format} adapter ({v.status})", file=sys.stderr)
@@ -298,4 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--out", default="mtllm_locally_versions.png")
     g.set_defaults(fn=cmd_plot)
     args = ap.parse_args(argv)
-    return args.fn(args)
+    from .errors import MtllmError
+
+    try:
+        return args.fn(args)
+    except (MtllmError, KeyError, ValueError) as e:  # bad input: one line, exit 2, never a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
