@@ -117,8 +117,10 @@ def test_trigger_waits_for_enough_new_examples(loop_env, tiny_model_path):
                    messages=messages(99, "sky"), response_format=RF, output_text='{"schema_object_wrapper":1}',
                    finish_reason="stop", latency_ms=1, prompt_tokens=1, completion_tokens=1)
     st.finish_call("own", accepted=True)
-    assert "10 new examples" in due(st, reg, ref, policy.policy_for("classify"))[1]
-    fill_store(st, 50, start=10)
+    assert not due(st, reg, ref, policy.policy_for("classify"))[0]
+    fill_store(st, 49, start=10)  # 60 calls, but one is the model's own: 59 examples
+    assert not due(st, reg, ref, policy.policy_for("classify"))[0]
+    fill_store(st, 1, start=59)
     assert due(st, reg, ref, policy.policy_for("classify"))[0]
     policy.configure("classify", learn=False)
     assert not due(st, reg, ref, policy.policy_for("classify"))[0]

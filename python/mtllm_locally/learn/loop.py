@@ -39,6 +39,11 @@ class TaskRef:
 def new_examples(store: Store, registry: Registry, task_key: str, policy: TaskPolicy) -> int:
     last = registry.versions(task_key)
     since = last[-1].created_at if last else 0.0
+    # Checked after every call: a cheap count of new calls first (an upper bound on new
+    # examples), the full dataset read only once it could reach the threshold.
+    (calls,) = store.rows("SELECT COUNT(*) AS n FROM calls WHERE task_key=? AND created_at>?", (task_key, since))
+    if calls["n"] < policy.min_new_examples:
+        return calls["n"]
     return sum(e.created_at > since for e in task_examples(store, task_key, heldout_percent=policy.heldout_percent,
                                                           train_on=policy.train_on))
 
@@ -48,7 +53,7 @@ def due(store: Store, registry: Registry, ref: TaskRef, policy: TaskPolicy) -> t
         return False, "learning is off for this task"
     n = new_examples(store, registry, ref.task_key, policy)
     if n < policy.min_new_examples:
-        return False, f"{n} new examples (< {policy.min_new_examples})"
+        return False, f"at most {n} new examples (< {policy.min_new_examples})"
     running = registry.training()
     if running is not None:
         return False, f"{running.adapter_id} is training"
