@@ -73,8 +73,10 @@ def naive_tokens_per_second(path: str, examples, steps: int, batch_size: int) ->
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     core = model.base_model.model
     tokens, t0 = 0, time.perf_counter()
-    for s in range(steps):
-        batch = examples[(s * batch_size) % len(examples):][:batch_size]
+    for s in range(-1, steps):  # step -1 warms up (first-call allocations) and is not timed
+        if s == 0:
+            tokens, t0 = 0, time.perf_counter()
+        batch = examples[(s % steps * batch_size) % len(examples):][:batch_size]
         seqs = [e.prompt_ids + e.completion_ids for e in batch]
         T = max(len(x) for x in seqs)
         ids = torch.zeros((len(seqs), T), dtype=torch.long)

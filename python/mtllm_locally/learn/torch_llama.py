@@ -63,6 +63,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
+        if x.dtype == torch.float32:  # one fused kernel (forward and backward) instead of six
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         dtype = x.dtype
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -84,7 +86,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, c.n_head, c.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, c.n_head_kv, c.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, c.n_head_kv, c.head_dim).transpose(1, 2)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+        return _rope(q, cos, sin), _rope(k, cos, sin), v
 
     def attend(self, q, k, v, mask):
         B, _, T, _ = q.shape
@@ -95,9 +97,10 @@ class Attention(nn.Module):
         return self.attend(*self.qkv(x, cos, sin), mask)
 
 
-def _rotate_half(x):
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+def _rope(x, cos, sin):
+    """HF rotate-half RoPE: x*cos + rotate_half(x)*sin, with rotate_half(x) = cat(-x2, x1)
+    written as roll(x) times a sin whose first half is negated (see LlamaForCausalLM._rope)."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
 class MLP(nn.Module):
@@ -162,7 +165,7 @@ class LlamaForCausalLM(nn.Module):
         inv = c.rope_base ** (-torch.arange(0, c.head_dim, 2, device=device, dtype=torch.float32) / c.head_dim)
         ang = pos[:, None].float() * inv[None, :]
         return (torch.cat([ang.cos(), ang.cos()], -1)[None, None].to(dtype),
-                torch.cat([ang.sin(), ang.sin()], -1)[None, None].to(dtype))
+                torch.cat([-ang.sin(), ang.sin()], -1)[None, None].to(dtype))
 
     def run_shared_prefix(self, xp: torch.Tensor, xs: torch.Tensor, suffix_mask: torch.Tensor) -> torch.Tensor:
         """All blocks on a shared prefix xp (1, P, E) and right-padded continuations xs
