@@ -18,7 +18,8 @@ from mtllm_locally import Engine, InvalidRequestError, models  # noqa: E402
 from mtllm_locally.learn import export  # noqa: E402
 from mtllm_locally.learn.torch_llama import load_llama, read_config  # noqa: E402
 from mtllm_locally.learn.trainer import (  # noqa: E402
-    TrainConfig, Tokenization, TrainingCancelled, cache_frozen_layers, completion_loss, prepare_examples, train)
+    CHECKPOINT_FILE, TrainConfig, Tokenization, TrainingCancelled, cache_frozen_layers, completion_loss,
+    prepare_examples, train)
 
 EXAMPLES = [{"messages": [{"role": "user", "content": f"Classify item {i}: {['apple', 'sky', 'grass'][i % 3]}"}],
              "completion": ["red", "blue", "green"][i % 3]} for i in range(24)]
@@ -105,11 +106,63 @@ def test_peft_adapter_files(trained):
     assert "base_model.model.model.layers.1.mlp.down_proj.lora_B.weight" in keys
 
 
+def adapter_tensors(path):
+    return {t.name: np.array(t.data) for t in gguf.GGUFReader(str(path)).tensors}
+
+
 def test_deterministic_with_a_seed(tiny_model_path, tmp_path, trained):
     again = train(tiny_model_path, EXAMPLES, CFG, tmp_path, progress=False)
-    a = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(trained.gguf_path)).tensors}
-    b = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(again.gguf_path)).tensors}
+    a, b = adapter_tensors(trained.gguf_path), adapter_tensors(again.gguf_path)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+class StopAfter(threading.Event):
+    """A stop request that arrives after `n` steps."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n = n
+
+    def is_set(self):
+        self.n -= 1
+        return self.n < 0
+
+
+def test_cancelled_training_resumes_to_the_adapter_of_an_uninterrupted_run(tiny_model_path, tmp_path, trained):
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(TrainingCancelled, match="checkpoint at step 5"):
+        train(tiny_model_path, EXAMPLES, CFG, tmp_path / "out", cancel=StopAfter(5), progress=False,
+              checkpoint_dir=ckpt)
+    assert (ckpt / CHECKPOINT_FILE).is_file()
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+    res = train(tiny_model_path, EXAMPLES, CFG, tmp_path / "out", progress=False, checkpoint_dir=ckpt)
+    assert res.resumed_from == 5 and res.steps == trained.steps
+    assert np.allclose(res.losses, trained.losses, rtol=1e-6)
+    a, b = adapter_tensors(trained.gguf_path), adapter_tensors(res.gguf_path)
+    assert a.keys() == b.keys() and all(np.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+    assert not (ckpt / CHECKPOINT_FILE).exists()  # a finished run leaves no checkpoint behind
+
+
+def test_a_checkpoint_of_other_data_or_config_is_not_resumed(tiny_model_path, tmp_path, trained):
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(TrainingCancelled):
+        train(tiny_model_path, EXAMPLES, CFG, tmp_path / "a", cancel=StopAfter(5), progress=False,
+              checkpoint_dir=ckpt)
+    other_data = train(tiny_model_path, EXAMPLES[:-4], CFG, tmp_path / "b", progress=False, checkpoint_dir=ckpt)
+    assert other_data.resumed_from == 0
+
+    with pytest.raises(TrainingCancelled):
+        train(tiny_model_path, EXAMPLES, CFG, tmp_path / "c", cancel=StopAfter(5), progress=False,
+              checkpoint_dir=ckpt)
+    other_config = train(tiny_model_path, EXAMPLES, TrainConfig(**{**CFG.__dict__, "learning_rate": 1e-3}),
+                         tmp_path / "d", progress=False, checkpoint_dir=ckpt)
+    assert other_config.resumed_from == 0
+
+    ckpt.mkdir(exist_ok=True)
+    (ckpt / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")  # e.g. cut short by a full disk
+    res = train(tiny_model_path, EXAMPLES, CFG, tmp_path / "e", progress=False, checkpoint_dir=ckpt)
+    assert res.resumed_from == 0 and np.allclose(res.losses, trained.losses, rtol=1e-6)
 
 
 def test_cancel_leaves_no_adapter(tiny_model_path, tmp_path):
@@ -223,3 +276,97 @@ def test_shared_prefix_gives_the_same_loss_and_gradient(tiny_model_path):
     assert abs(l0 - l1) < 1e-5 * abs(l0)
     for a, b in zip(g0, g1):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_fused_lora_forward_matches_peft(tiny_model_path):
+    """The trainer's LoRA forward (lora_linear.py: base and LoRA in one GEMM, q/k/v stacked)
+    must give PEFT's loss and LoRA gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    from mtllm_locally.learn.lora_linear import use_fused_forward
+
+    data = prepare_examples(Tokenization(tiny_model_path), EXAMPLES[:6], 1024)
+    torch.manual_seed(0)
+    model = get_peft_model(load_llama(tiny_model_path), LoraConfig(
+        r=4, lora_alpha=8, target_modules=list(export.TARGET_MODULES), lora_dropout=0.0, init_lora_weights=False))
+    core = model.base_model.model
+    results = []
+    for fused in (False, True):
+        if fused:
+            assert use_fused_forward(model) == 7 * core.config.n_layer
+            assert all(layer.self_attn.project_qkv is not None for layer in core.model.layers)
+        model.zero_grad()
+        loss, _ = completion_loss(core, data)
+        loss.backward()
+        results.append((float(loss.detach()), {n: p.grad.clone() for n, p in model.named_parameters()
+                                               if p.requires_grad}))
+    (l0, g0), (l1, g1) = results
+    assert abs(l0 - l1) < 1e-5 * abs(l0)
+    assert g0.keys() == g1.keys() and len(g0) == 2 * 7 * core.config.n_layer
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], rtol=1e-4, atol=1e-6), n
+    with model.disable_adapter(), torch.no_grad():  # PEFT's switch still works on the fused forward
+        ids = torch.tensor([data[0].prompt_ids])
+        assert torch.allclose(core(ids), load_llama(tiny_model_path)(ids), atol=1e-5)
+
+
+def test_torch_llama_matches_transformers(tiny_model_path):
+    """The trainer's model (read from GGUF, q/k rows un-permuted) computes what transformers'
+    LlamaForCausalLM computes with the same weights."""
+    pytest.importorskip("transformers")
+    from mtllm_locally.bench.train import transformers_llama
+
+    ids = torch.tensor([prepare_examples(Tokenization(tiny_model_path), EXAMPLES[:2], 1024)[0].prompt_ids])
+    with torch.no_grad():
+        ours = load_llama(tiny_model_path)(ids)
+        theirs = transformers_llama(tiny_model_path).eval()(input_ids=ids).logits
+    assert ours.shape == theirs.shape
+    assert rel(ours.numpy(), theirs.numpy()) < 1e-5
+
+
+def test_rope_frequency_factors_and_linear_scaling_match_llama_cpp(tmp_path):
+    """Llama 3.1+ GGUFs carry per-frequency RoPE factors; some models scale RoPE linearly.
+    The trainer's model must compute what the engine serves for both."""
+    from tiny_llama import TinyConfig, build_tiny_llama
+
+    path = tmp_path / "rope.gguf"
+    build_tiny_llama(path, TinyConfig(rope_freq_factors=True, rope_linear_scale=2.0, seed=3))
+    plain = tmp_path / "plain.gguf"
+    build_tiny_llama(plain, TinyConfig(seed=3))
+    ids = Tokenization(str(path)).prompt_ids(EXAMPLES[0]["messages"])
+    with torch.no_grad():
+        ours = load_llama(path)(torch.tensor([ids]))[0].numpy()
+        without = load_llama(plain)(torch.tensor([ids]))[0].numpy()
+    with Engine(str(path), flash_attn=False, kv_f32=True) as eng:
+        served = engine_logits(eng, ids)
+    assert rel(ours, without) > 1e-2  # the factors matter ...
+    assert rel(ours, served) < 1e-5   # ... and the trainer applies them as llama.cpp does
+
+
+def test_unknown_tensors_and_rope_scalings_are_refused(tmp_path, tiny_model_path):
+    """A model the trainer would compute differently from the engine is refused, not trained."""
+    reader = gguf.GGUFReader(tiny_model_path)
+    for extra, match in (("tensor", "no place"), ("yarn", "RoPE scaling")):
+        path = tmp_path / f"{extra}.gguf"
+        w = gguf.GGUFWriter(str(path), "llama")
+        for key, field in reader.fields.items():
+            if key.startswith("GGUF.") or key == "general.architecture":
+                continue
+            vtype = field.types[0]
+            if vtype == gguf.GGUFValueType.ARRAY:
+                w.add_key_value(key, field.contents(), vtype, sub_type=field.types[1])
+            else:
+                w.add_key_value(key, field.contents(), vtype)
+        if extra == "yarn":
+            w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            w.add_rope_scaling_factor(4.0)
+        for t in reader.tensors:
+            w.add_tensor(t.name, np.array(t.data).reshape(tuple(int(d) for d in reversed(t.shape))))
+        if extra == "tensor":
+            w.add_tensor("attn_sinks.weight", np.zeros(4, dtype=np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with pytest.raises(InvalidRequestError, match=match):
+            load_llama(path)

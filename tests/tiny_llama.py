@@ -41,6 +41,8 @@ class TinyConfig:
     rms_eps: float = 1e-5
     seed: int = 0
     logit_scale: float = 4.0  # spreads logits so greedy argmax has clear winners
+    rope_freq_factors: bool = False  # write a Llama-3.1-style rope_freqs.weight (random factors in [1, 8])
+    rope_linear_scale: float = 0.0   # > 0: linear RoPE scaling by this factor
 
 
 def _copy_tokenizer(writer: gguf.GGUFWriter, reader: gguf.GGUFReader) -> int:
@@ -82,6 +84,9 @@ def build_tiny_llama(path: str | Path, cfg: TinyConfig = TinyConfig()) -> dict[s
     writer.add_head_count_kv(cfg.n_head_kv)
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(cfg.rope_base)
+    if cfg.rope_linear_scale:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(cfg.rope_linear_scale)
     writer.add_layer_norm_rms_eps(cfg.rms_eps)
     writer.add_vocab_size(n_vocab)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
@@ -98,6 +103,8 @@ def build_tiny_llama(path: str | Path, cfg: TinyConfig = TinyConfig()) -> dict[s
         "output_norm.weight": (1.0 + 0.1 * rng.standard_normal(E)).astype(np.float32),
         "output.weight": w(n_vocab, E, scale=cfg.logit_scale / np.sqrt(E)),
     }
+    if cfg.rope_freq_factors:
+        weights["rope_freqs.weight"] = rng.uniform(1.0, 8.0, head_dim // 2).astype(np.float32)
     for i in range(cfg.n_layer):
         p = f"blk.{i}."
         weights.update({
@@ -190,6 +197,8 @@ def reference_logits(weights: dict[str, np.ndarray], tokens: list[int], cfg: Tin
 
     x = f(weights["token_embd.weight"])[tokens]
     mask = np.triu(np.full((T, T), -np.inf), 1)
+    if cfg.rope_freq_factors:
+        weights["rope_freqs.weight"] = rng.uniform(1.0, 8.0, head_dim // 2).astype(np.float32)
     for i in range(cfg.n_layer):
         p = f"blk.{i}."
         h = rms(x, weights[p + "attn_norm.weight"])

@@ -7,8 +7,10 @@ and the JSON schema are shaped like byllm's for `def route(ticket: str) -> Team 
 llm()`; the completion is the constrained JSON the engine would emit.
 
 Ratios: train_speedup_vs_naive (our trainer's tokens/s / a naive PEFT loop's: fp32,
-logits and loss over every position; goal >= 3) and accuracy_gain (held-out accuracy
-after / before, both measured here).
+logits and loss over every position, on transformers' LlamaForCausalLM holding the same
+weights; goal >= 3), train_speedup_vs_naive_same_model (the same naive loop on the
+trainer's own torch model, whose kernels the trainer shares) and accuracy_gain
+(held-out accuracy after / before, both measured here).
 """
 
 from __future__ import annotations
@@ -62,16 +64,38 @@ def accuracy(eng: Engine, data, adapters=()) -> float:
     return ok / len(data)
 
 
-def naive_tokens_per_second(path: str, examples, steps: int, batch_size: int) -> float:
-    """The baseline: fp32, full logits, loss over every position, same LoRA."""
+def transformers_llama(path: str):
+    """The served GGUF's weights in transformers' own LlamaForCausalLM (the model a PEFT user has)."""
+    import transformers
+
+    from ..learn.torch_llama import load_llama
+
+    ours = load_llama(path)
+    c = ours.config
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=c.n_vocab, hidden_size=c.n_embd, intermediate_size=c.n_ff, num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head, num_key_value_heads=c.n_head_kv, max_position_embeddings=c.n_ctx,
+        rms_norm_eps=c.rms_eps, rope_theta=c.rope_base, tie_word_embeddings=c.tied_embeddings))
+    result = model.load_state_dict(ours.state_dict(), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(f"transformers' Llama does not take our weights: {result}")
+    return model.requires_grad_(False)
+
+
+def naive_tokens_per_second(path: str, examples, steps: int, batch_size: int, model: str = "transformers") -> float:
+    """The baseline: PEFT on a Llama in fp32, examples in order (no length buckets), full
+    logits and loss over every position. `model` is transformers' LlamaForCausalLM (what
+    a PEFT user writes) or "ours" (the trainer's torch model: same kernels, so the ratio
+    shows what the trainer's method alone gains)."""
     from peft import LoraConfig, get_peft_model
 
     from ..learn.torch_llama import load_llama
 
-    model = get_peft_model(load_llama(path), LoraConfig(r=8, lora_alpha=16, target_modules=list(
+    base = transformers_llama(path) if model == "transformers" else load_llama(path)
+    peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=list(
         TrainConfig().target_modules), lora_dropout=0.0))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    core = model.base_model.model
+    peft_model.train()
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
     tokens, t0 = 0, time.perf_counter()
     for s in range(-1, steps):  # step -1 warms up (first-call allocations) and is not timed
         if s == 0:
@@ -82,8 +106,9 @@ def naive_tokens_per_second(path: str, examples, steps: int, batch_size: int) ->
         ids = torch.zeros((len(seqs), T), dtype=torch.long)
         for b, x in enumerate(seqs):
             ids[b, : len(x)] = torch.tensor(x)
-        logits = core(ids)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+        logits = peft_model(input_ids=ids).logits if model == "transformers" else peft_model.base_model.model(ids)
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                                                 ids[:, 1:].reshape(-1))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -112,19 +137,30 @@ def run(quick: bool = False, log=print) -> dict:
     log(f"      {wall:.1f} s wall, {res.steps} steps, {res.tokens_per_second:.0f} tok/s, loss "
         f"{res.losses[0]:.3f} -> {res.losses[-1]:.3f}, GGUF adapter {size_kb:.0f} KiB")
 
-    log("[3/4] naive PEFT loop on the same data (fp32, full logits and loss), tokens/s")
+    log("[3/4] naive PEFT loops on the same data (fp32, full logits and loss), tokens/s")
     tok = Tokenization(served)
     prepared = prepare_examples(tok, examples, cfg.max_length)
-    naive = naive_tokens_per_second(served, prepared, steps=4 if quick else 8, batch_size=cfg.batch_size)
-    log(f"      {naive:.0f} tok/s")
+    steps = 4 if quick else 8
+    naive = naive_tokens_per_second(served, prepared, steps=steps, batch_size=cfg.batch_size)
+    log(f"      transformers' LlamaForCausalLM + PEFT: {naive:.0f} tok/s")
+    naive_ours = naive_tokens_per_second(served, prepared, steps=steps, batch_size=cfg.batch_size, model="ours")
+    log(f"      the trainer's own torch model + PEFT:  {naive_ours:.0f} tok/s")
 
     log("[4/4] held-out accuracy through the engine with the adapter")
     with Engine(None, n_ctx=2048) as eng:
         a = eng.load_adapter(res.gguf_path)
         after = accuracy(eng, held_out, [(a, 1.0)])
     log(f"      {after:.3f}")
-    return {"goals": GOALS, "before": before, "after": after, "train_wall_s": wall, "steps": res.steps,
-            "train_tok_s": res.tokens_per_second, "naive_tok_s": naive, "adapter_kib": size_kb,
-            "losses": res.losses,
+    plot = None
+    try:
+        from ..learn.plot import plot_losses
+
+        plot = str(plot_losses(res.losses, f"{out}/train.png", title="bench train: completion loss per step"))
+    except ImportError:
+        pass
+    return {"goals": GOALS, "before": before, "after": after, "plot": plot, "train_wall_s": wall, "steps": res.steps,
+            "train_tok_s": res.tokens_per_second, "naive_tok_s": naive, "naive_same_model_tok_s": naive_ours,
+            "adapter_kib": size_kb, "losses": res.losses,
             "ratios": {"train_speedup_vs_naive": res.tokens_per_second / naive,
+                       "train_speedup_vs_naive_same_model": res.tokens_per_second / naive_ours,
                        "accuracy_gain": after / max(before, 1e-9)}}

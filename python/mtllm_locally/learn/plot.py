@@ -49,3 +49,23 @@ def plot_versions(registry: Registry, out: str | Path, *, timeline: list[dict] |
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_losses(losses: list[float], out: str | Path, *, title: str = "training loss per step") -> Path:
+    """Mean completion loss per training step (log scale: the plateau and its end show)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    ax.semilogy(range(1, len(losses) + 1), [max(x, 1e-5) for x in losses], color="tab:blue")
+    ax.set_xlabel("step")
+    ax.set_ylabel("completion loss")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

@@ -8,7 +8,10 @@ served ones (no re-download, no config lookup on a hub), the model is a page of 
 would the HF model. GGUF stores q/k rows permuted for llama.cpp's RoPE; we undo that
 here and redo it on export (export.py).
 
-Architectures: llama (TinyLlama, SmolLM, Llama 2/3.x, Mistral-style GQA). Others raise.
+Architectures: llama (TinyLlama, SmolLM, Llama 2/3.x, Mistral-style GQA), including RoPE
+frequency factors (Llama 3.1+'s `rope_freqs.weight`) and linear RoPE scaling. Other
+architectures, other RoPE scalings and tensors we do not know raise: a model we would
+train silently wrong is worse than one we refuse.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class LlamaConfig:
     rope_base: float
     rms_eps: float
     tied_embeddings: bool
+    rope_scale: float = 1.0  # linear RoPE scaling: positions are divided by this
 
     @property
     def head_dim(self) -> int:
@@ -80,12 +84,21 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(c.n_embd, c.n_head_kv * c.head_dim, bias=False)
         self.o_proj = nn.Linear(c.n_head * c.head_dim, c.n_embd, bias=False)
 
+    # The trainer may set this to one function computing q, k and v together (lora_linear.py).
+    project_qkv = None
+
+    def project(self, x):
+        if self.project_qkv is not None:
+            return self.project_qkv(x)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
     def qkv(self, x, cos, sin):
         B, T, _ = x.shape
         c = self.c
-        q = self.q_proj(x).view(B, T, c.n_head, c.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, c.n_head_kv, c.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, c.n_head_kv, c.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
+        q = q.view(B, T, c.n_head, c.head_dim).transpose(1, 2)
+        k = k.view(B, T, c.n_head_kv, c.head_dim).transpose(1, 2)
+        v = v.view(B, T, c.n_head_kv, c.head_dim).transpose(1, 2)
         return _rope(q, cos, sin), _rope(k, cos, sin), v
 
     def attend(self, q, k, v, mask):
@@ -126,17 +139,35 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward_shared_prefix(self, xp, xs, rope_p, rope_s, mask_p, mask_s):
-        """One prefix (1, P, E) that every row of xs (B, S, E) continues: the prefix is
-        computed once and its keys/values are shared by all rows."""
-        qp, kp, vp = self.self_attn.qkv(self.input_layernorm(xp), *rope_p)
-        qs, ks, vs = self.self_attn.qkv(self.input_layernorm(xs), *rope_s)
-        B = xs.shape[0]
-        k = torch.cat([kp.expand(B, -1, -1, -1), ks], dim=2)
-        v = torch.cat([vp.expand(B, -1, -1, -1), vs], dim=2)
-        xp = xp + self.self_attn.attend(qp, kp, vp, mask_p)
-        xs = xs + self.self_attn.attend(qs, k, v, mask_s)
-        return xp + self.mlp(self.post_attention_layernorm(xp)), xs + self.mlp(self.post_attention_layernorm(xs))
+    def forward_shared_prefix(self, x, P, B, S, rope_p, rope_s, mask_p, mask_s, keep=None):
+        """x holds the rows of one prefix (P tokens, computed once) followed by the B
+        continuations of it (S tokens each), flat: (P + B*S, E). Every projection runs once
+        on all rows; only attention sees them apart, each continuation attending to the
+        shared prefix's keys and values and to its own. `keep` (row indices): return only
+        those rows, skipping the output projection and MLP of the others (the last block
+        needs every row's keys and values, but only the loss rows' outputs)."""
+        a, c = self.self_attn, self.self_attn.c
+        h = self.input_layernorm(x)
+        q, k, v = a.project(h)
+
+        def heads(t, n, rows, b, T):
+            return t[rows].view(b, T, n, c.head_dim).transpose(1, 2)
+
+        pre, suf = slice(0, P), slice(P, None)
+        qp, kp, vp = (_rope(heads(q, c.n_head, pre, 1, P), *rope_p), _rope(heads(k, c.n_head_kv, pre, 1, P), *rope_p),
+                      heads(v, c.n_head_kv, pre, 1, P))
+        qs, ks, vs = (_rope(heads(q, c.n_head, suf, B, S), *rope_s), _rope(heads(k, c.n_head_kv, suf, B, S), *rope_s),
+                      heads(v, c.n_head_kv, suf, B, S))
+        ks = torch.cat([kp.expand(B, -1, -1, -1), ks], dim=2)
+        vs = torch.cat([vp.expand(B, -1, -1, -1), vs], dim=2)
+        gqa = c.n_head != c.n_head_kv
+        yp = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask_p, enable_gqa=gqa)
+        ys = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask_s, enable_gqa=gqa)
+        y = torch.cat([yp.transpose(1, 2).reshape(P, -1), ys.transpose(1, 2).reshape(B * S, -1)])
+        if keep is not None:
+            x, y = x[keep], y[keep]
+        x = x + a.o_proj(y)
+        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Backbone(nn.Module):
@@ -153,6 +184,8 @@ class LlamaForCausalLM(nn.Module):
         self.config = c
         self.model = Backbone(c)
         self.lm_head = nn.Linear(c.n_embd, c.n_vocab, bias=False)
+        # llama.cpp divides each RoPE frequency's angle by its factor (rope_freqs.weight, Llama 3.1+)
+        self.register_buffer("rope_freqs", torch.ones(c.head_dim // 2), persistent=False)
 
     def hidden_states(self, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states (B, T, E); logits are computed by the caller only where needed."""
@@ -161,27 +194,32 @@ class LlamaForCausalLM(nn.Module):
 
     def _rope(self, start: int, T: int, dtype, device):
         c = self.config
-        pos = torch.arange(start, start + T, device=device)
+        pos = torch.arange(start, start + T, device=device).float() / c.rope_scale
         inv = c.rope_base ** (-torch.arange(0, c.head_dim, 2, device=device, dtype=torch.float32) / c.head_dim)
-        ang = pos[:, None].float() * inv[None, :]
+        ang = pos[:, None] * (inv / self.rope_freqs.float())[None, :]
         return (torch.cat([ang.cos(), ang.cos()], -1)[None, None].to(dtype),
                 torch.cat([-ang.sin(), ang.sin()], -1)[None, None].to(dtype))
 
-    def run_shared_prefix(self, xp: torch.Tensor, xs: torch.Tensor, suffix_mask: torch.Tensor) -> torch.Tensor:
+    def run_shared_prefix(self, xp: torch.Tensor, xs: torch.Tensor, suffix_mask: torch.Tensor,
+                          rows: torch.Tensor | None = None, cols: torch.Tensor | None = None) -> torch.Tensor:
         """All blocks on a shared prefix xp (1, P, E) and right-padded continuations xs
-        (B, S, E); returns the continuations' hidden states. Same result as running each
-        full sequence, with the prefix's compute done once instead of B times."""
-        P, S = xp.shape[1], xs.shape[1]
+        (B, S, E); returns the continuations' hidden states (B, S, E), or with `rows` and
+        `cols` only those positions' (N, E). Same result as running each full sequence,
+        with the prefix's compute done once instead of B times."""
+        P, (B, S, E) = xp.shape[1], xs.shape
         rope_p = self._rope(0, P, xp.dtype, xp.device)
         rope_s = self._rope(P, S, xs.dtype, xs.device)
         mask_p = torch.ones(P, P, dtype=torch.bool, device=xp.device).tril()[None, None]
         causal = torch.ones(S, S, dtype=torch.bool, device=xs.device).tril()
-        keys = torch.cat([torch.ones(xs.shape[0], P, dtype=torch.bool, device=xs.device), suffix_mask.bool()], 1)
+        keys = torch.cat([torch.ones(B, P, dtype=torch.bool, device=xs.device), suffix_mask.bool()], 1)
         mask_s = torch.cat([torch.ones(S, P, dtype=torch.bool, device=xs.device), causal], 1)[None, None] \
             & keys[:, None, None, :]
-        for layer in self.model.layers:
-            xp, xs = layer.forward_shared_prefix(xp, xs, rope_p, rope_s, mask_p, mask_s)
-        return xs
+        x = torch.cat([xp.reshape(P, E), xs.reshape(B * S, E)])
+        keep = None if rows is None else P + rows * S + cols
+        last = len(self.model.layers) - 1
+        for i, layer in enumerate(self.model.layers):
+            x = layer.forward_shared_prefix(x, P, B, S, rope_p, rope_s, mask_p, mask_s, keep if i == last else None)
+        return x if keep is not None else x[P:].view(B, S, E)
 
     def run_layers(self, x: torch.Tensor, attention_mask: torch.Tensor | None, start: int, end: int) -> torch.Tensor:
         """Blocks start..end-1 on hidden states x (B, T, E). With right padding a real
@@ -214,13 +252,18 @@ def read_config(reader: gguf.GGUFReader) -> LlamaConfig:
     rope_dim = int(field(f"{arch}.rope.dimension_count", n_embd // n_head))
     if rope_dim != n_embd // n_head:
         raise InvalidRequestError("partial RoPE is not supported by the trainer")
+    scaling = str(field(f"{arch}.rope.scaling.type", "none") or "none")
+    factor = float(field(f"{arch}.rope.scaling.factor", 0.0) or 0.0)
+    if scaling not in ("none", "linear") and factor not in (0.0, 1.0):
+        raise InvalidRequestError(f"cannot train with RoPE scaling {scaling!r} (x{factor}); supported: linear")
     return LlamaConfig(
         n_vocab=int(field(f"{arch}.vocab_size", len(tokens))), n_embd=n_embd, n_layer=int(field(f"{arch}.block_count")),
         n_head=n_head, n_head_kv=int(field(f"{arch}.attention.head_count_kv", n_head)),
         n_ff=int(field(f"{arch}.feed_forward_length")), n_ctx=int(field(f"{arch}.context_length")),
         rope_base=float(field(f"{arch}.rope.freq_base", 10000.0)),
         rms_eps=float(field(f"{arch}.attention.layer_norm_rms_epsilon")),
-        tied_embeddings="output.weight" not in names)
+        tied_embeddings="output.weight" not in names,
+        rope_scale=factor if scaling == "linear" and factor > 0 else 1.0)
 
 
 def _tensor(t) -> np.ndarray:
@@ -248,7 +291,11 @@ def load_llama(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaFor
     sd = {}
     for t in reader.tensors:
         w = _tensor(t)
-        if t.name == "token_embd.weight":
+        if t.name == "rope_freqs.weight":
+            if w.size != c.head_dim // 2:
+                raise InvalidRequestError(f"rope_freqs.weight has {w.size} factors, expected {c.head_dim // 2}")
+            model.rope_freqs.copy_(torch.from_numpy(np.array(w, dtype=np.float32).reshape(-1)))
+        elif t.name == "token_embd.weight":
             sd["model.embed_tokens.weight"] = w
         elif t.name == "output_norm.weight":
             sd["model.norm.weight"] = w
@@ -263,6 +310,8 @@ def load_llama(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaFor
             if kind not in GGUF_TO_HF:
                 raise InvalidRequestError(f"tensor {t.name} has no place in a Llama model")
             sd[f"model.layers.{i}.{GGUF_TO_HF[kind]}.weight"] = w
+        else:
+            raise InvalidRequestError(f"tensor {t.name} has no place in a Llama model the trainer knows")
     if c.tied_embeddings:
         sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
     missing = set(model.state_dict()) - set(sd)

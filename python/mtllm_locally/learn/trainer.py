@@ -10,12 +10,17 @@ end-of-turn token only. Speed on CPU comes from computing the prompt start a bat
 shares (a task's system text and instructions) once per batch, logits only at
 completion positions and length-bucketed batches (bf16 autocast: see TrainConfig);
 `threads` leaves cores to a serving process. Deterministic with a seed; `cancel` (a threading.Event) stops it
-cleanly and nothing is written.
+cleanly and no adapter is written. With a `checkpoint_dir`, the run saves its state there
+every `checkpoint_every_s` and when cancelled, and a later run on the same base, data and
+config resumes from it, ending with the adapter an uninterrupted run would have produced.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
+import os
 import random
 import threading
 import time
@@ -29,6 +34,7 @@ from .. import _engine, models
 from ..chat import ChatTemplate, for_template
 from ..errors import InvalidRequestError, MtllmError
 from . import export
+from .lora_linear import use_fused_forward
 from .torch_llama import LlamaForCausalLM, load_llama
 
 
@@ -38,7 +44,7 @@ class TrainingCancelled(MtllmError):
 
 @dataclass(frozen=True)
 class TrainConfig:
-    rank: int = 8                 # enough for one function's behaviour; adapter stays ~2 MB on SmolLM2
+    rank: int = 8                 # enough for one function's behaviour; the GGUF adapter is ~9.6 MB on SmolLM2
     alpha: float = 16.0           # alpha = 2r: the usual scale, stable at the learning rate below
     target_modules: tuple[str, ...] = export.TARGET_MODULES
     # Measured on the bench tasks (SmolLM2-135M, ~115-token prompts): the label sits on a loss
@@ -77,10 +83,53 @@ class TrainResult:
     tokens: int
     seconds: float
     losses: list[float] = field(default_factory=list)
+    resumed_from: int = 0  # the step a checkpoint let this run start at (0 = from scratch)
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / max(self.seconds, 1e-9)
+
+
+CHECKPOINT_FILE = "trainer-state.pt"
+
+
+def _fingerprint(base_path: str, data: list["Example"], config: "TrainConfig") -> str:
+    """What a checkpoint is valid for: the base file, the token ids, the config (threads aside)."""
+    h = hashlib.sha256()
+    st = os.stat(base_path)
+    h.update(f"{Path(base_path).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    h.update(json.dumps({k: v for k, v in asdict(config).items() if k != "threads"}, sort_keys=True,
+                        default=list).encode())
+    for e in data:
+        h.update(json.dumps([e.prompt_ids, e.completion_ids]).encode())
+    return h.hexdigest()
+
+
+class Checkpoint:
+    """The trainer's state in one file, replaced atomically: a crash mid-write leaves the previous one."""
+
+    def __init__(self, directory: str | Path, fingerprint: str):
+        self.path = Path(directory) / CHECKPOINT_FILE
+        self.fingerprint = fingerprint
+
+    def load(self) -> dict | None:
+        """The saved state if it was saved for this run's fingerprint, else None (it will be overwritten)."""
+        if not self.path.exists():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception:
+            return None  # unreadable (not ours, or truncated by a full disk): start over
+        return state if isinstance(state, dict) and state.get("fingerprint") == self.fingerprint else None
+
+    def save(self, state: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        torch.save({**state, "fingerprint": self.fingerprint}, tmp)
+        os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -183,21 +232,21 @@ def completion_loss(model: LlamaForCausalLM, batch: list[Example], pad_id: int =
             rows.append(b)
             cols.append(start + j)
             targets.append(tok)
+    rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
     P = shared_prefix_length(batch) if share_prefix and not first_trained else 0
     if P:
         # Prompts of one task share their start (system text, instructions): compute it once.
         xp = model.model.embed_tokens(ids[:1, :P])
-        h = model.model.norm(model.run_shared_prefix(xp, model.model.embed_tokens(ids[:, P:]), mask[:, P:]))
-        cols = [c - P for c in cols]
-    elif first_trained:
-        x = torch.zeros((*ids.shape, model.config.n_embd), dtype=batch[0].frozen.dtype)
-        for b, e in enumerate(batch):
-            x[b, : len(e.frozen)] = e.frozen
-        h = model.model.norm(model.run_layers(x, mask, first_trained, model.config.n_layer))
+        picked = model.run_shared_prefix(xp, model.model.embed_tokens(ids[:, P:]), mask[:, P:], rows_t, cols_t - P)
     else:
-        h = model.model.norm(model.run_layers(model.model.embed_tokens(ids), mask, 0, model.config.n_layer))
-    picked = h[torch.tensor(rows), torch.tensor(cols)]
-    logits = model.lm_head(picked).float()
+        if first_trained:
+            x = torch.zeros((*ids.shape, model.config.n_embd), dtype=batch[0].frozen.dtype)
+            for b, e in enumerate(batch):
+                x[b, : len(e.frozen)] = e.frozen
+        else:
+            x = model.model.embed_tokens(ids)
+        picked = model.run_layers(x, mask, first_trained, model.config.n_layer)[rows_t, cols_t]
+    logits = model.lm_head(model.model.norm(picked)).float()
     return torch.nn.functional.cross_entropy(logits, torch.tensor(targets)), len(targets)
 
 
@@ -218,9 +267,11 @@ def prepare_examples(tok: Tokenization, examples: Iterable[Mapping[str, Any]], m
 
 def train(model_path: str | Path | None, examples: Iterable[Mapping[str, Any]], config: TrainConfig,
           out_dir: str | Path, *, cancel: threading.Event | None = None, progress: bool = True,
-          name: str = "adapter") -> TrainResult:
+          name: str = "adapter", checkpoint_dir: str | Path | None = None,
+          checkpoint_every_s: float = 60.0) -> TrainResult:
     """Train a LoRA adapter for the served base at `model_path` (None = the default as served);
-    writes `<out_dir>/<name>.gguf` and `<out_dir>/<name>-peft/`."""
+    writes `<out_dir>/<name>.gguf` and `<out_dir>/<name>-peft/`. With `checkpoint_dir`, resumes
+    from a checkpoint there made for the same base, data and config, and keeps one while it runs."""
     path = str(models.resolve(model_path) if model_path is None or isinstance(model_path, str) and
                model_path in models.DEFAULT_ALIASES else models.check_gguf(model_path))
     tok = Tokenization(path)
@@ -242,6 +293,7 @@ def train(model_path: str | Path | None, examples: Iterable[Mapping[str, Any]], 
                       layers_to_transform=layers if first_trained else None,
                       layers_pattern="layers" if first_trained else None)
     model = get_peft_model(base, lcfg)
+    use_fused_forward(model)
     if first_trained:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
             cache_frozen_layers(base, data, first_trained, config.batch_size)
@@ -256,42 +308,68 @@ def train(model_path: str | Path | None, examples: Iterable[Mapping[str, Any]], 
     batches_per_epoch = math.ceil(len(data) / config.batch_size)
     epochs = min(max(config.epochs, math.ceil(config.min_steps / batches_per_epoch)),
                  max(config.epochs, config.max_epochs))
-    total = batches_per_epoch * epochs
+    # Every step's batch is drawn up front, so a resumed run takes the same batches.
+    plan = [batch for _ in range(epochs) for batch in _batches(data, config.batch_size, rng)]
+    total = len(plan)
     def lr_factor(s: int) -> float:  # warm-up over 10%, then flat until `decay_from`, then linear to 0
         start = config.decay_from * total
         decay = 1.0 if s < start else max(0.0, 1 - (s - start) / max(1.0, total - start))
         return min(1.0, (s + 1) / max(1, total // 10)) * decay
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    ckpt = Checkpoint(checkpoint_dir, _fingerprint(path, data, config)) if checkpoint_dir is not None else None
+    step, tokens, losses, elapsed = 0, 0, [], 0.0
+    state = ckpt.load() if ckpt is not None else None
+    if state is not None:
+        with torch.no_grad():
+            for n, p in trained.items():
+                p.copy_(state["params"][n])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        step, tokens, losses, elapsed = state["step"], state["tokens"], list(state["losses"]), state["seconds"]
+    resumed_from = step
+
+    def save_checkpoint():
+        ckpt.save({"step": step, "tokens": tokens, "losses": losses, "seconds": elapsed + time.perf_counter() - t0,
+                   "params": {n: p.detach().clone() for n, p in trained.items()},
+                   "optimizer": opt.state_dict(), "scheduler": sched.state_dict()})
+
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc="training", unit="step")
-    t0, tokens, losses, step = time.perf_counter(), 0, [], 0
+        bar = tqdm(total=total, initial=step, desc="training", unit="step")
+    t0 = last_save = time.perf_counter()
     model.train()
     try:
-        for _epoch in range(epochs):
-            for batch in _batches(data, config.batch_size, rng):
-                if cancel is not None and cancel.is_set():
-                    raise TrainingCancelled("training cancelled; no adapter written")
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                    loss, n = completion_loss(model.base_model.model, batch, first_trained=first_trained)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                sched.step()
-                step += 1
-                tokens += sum(len(e.prompt_ids) + len(e.completion_ids) for e in batch)
-                losses.append(float(loss.detach()))
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{tokens / (time.perf_counter() - t0):.0f}")
+        for batch in plan[step:]:
+            if cancel is not None and cancel.is_set():
+                if ckpt is not None and step > resumed_from:
+                    save_checkpoint()
+                kept = f"; checkpoint at step {step} kept in {ckpt.path.parent}" if ckpt is not None else ""
+                raise TrainingCancelled(f"training cancelled; no adapter written{kept}")
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                loss, n = completion_loss(model.base_model.model, batch, first_trained=first_trained)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            step += 1
+            tokens += sum(len(e.prompt_ids) + len(e.completion_ids) for e in batch)
+            losses.append(float(loss.detach()))
+            if ckpt is not None and time.perf_counter() - last_save >= checkpoint_every_s and step < total:
+                save_checkpoint()
+                last_save = time.perf_counter()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}",
+                                tok_s=f"{tokens / (elapsed + time.perf_counter() - t0):.0f}")
     finally:
         if bar is not None:
             bar.close()
-    seconds = time.perf_counter() - t0
+    seconds = elapsed + time.perf_counter() - t0
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = export.lora_weights(model)
@@ -301,4 +379,6 @@ def train(model_path: str | Path | None, examples: Iterable[Mapping[str, Any]], 
     peft_dir = export.write_peft_adapter(out / f"{name}-peft", weights, config.alpha, config.rank,
                                          config.use_rslora, base_model=Path(path).name,
                                          layers=layers if first_trained else None)
-    return TrainResult(gguf_path, peft_dir, step, tokens, seconds, losses)
+    if ckpt is not None:
+        ckpt.remove()
+    return TrainResult(gguf_path, peft_dir, step, tokens, seconds, losses, resumed_from)

@@ -64,11 +64,16 @@ def run_job(store: Store, adapter_id: str, *, progress: bool = False, log=print)
                 f.write(json.dumps({"invocation_id": e.invocation_id, "heldout": e.heldout, "label": e.label,
                                     **e.as_training()}) + "\n")
         t0 = time.perf_counter()
+        # One checkpoint per task: a training of the same data killed or cancelled earlier
+        # (a retried `mtllm-locally train`) resumes where it stopped.
         res = train(model_path, [e.as_training() for e in train_set], cfg, staging, cancel=cancel,
-                    progress=progress, name="adapter")
+                    progress=progress, name="adapter", checkpoint_dir=Path(v.path).parent / "checkpoint")
+        if res.resumed_from:
+            log(f"{adapter_id}: resumed from a checkpoint at step {res.resumed_from}")
         os.replace(res.peft_dir, staging / "peft")
         train_metrics = {"train_seconds": time.perf_counter() - t0, "steps": res.steps, "tokens": res.tokens,
-                         "tokens_per_second": res.tokens_per_second, "first_loss": res.losses[0],
+                         "tokens_per_second": res.tokens_per_second, "resumed_from": res.resumed_from,
+                         "first_loss": res.losses[0],
                          "final_loss": res.losses[-1], "train_config": asdict(cfg)}
         v = registry.publish(v, staging, data=data, metrics=train_metrics)
         staging = None
