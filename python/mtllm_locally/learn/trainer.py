@@ -180,8 +180,10 @@ def _batches(examples: list[Example], batch_size: int, rng: random.Random) -> li
     return batches
 
 
-def _padded(batch: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    seqs = [e.prompt_ids + e.completion_ids for e in batch]
+def _padded(batch: list[Example], pad_id: int, inputs_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded token ids and their mask. `inputs_only` leaves out each sequence's last
+    token: it is only ever a target (nothing attends to it, no loss is computed at it)."""
+    seqs = [(e.prompt_ids + e.completion_ids)[: -1 if inputs_only else None] for e in batch]
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), T), dtype=torch.bool)
@@ -224,7 +226,7 @@ def shared_prefix_length(batch: list[Example]) -> int:
 def completion_loss(model: LlamaForCausalLM, batch: list[Example], pad_id: int = 0,
                     first_trained: int = 0, share_prefix: bool = True) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over completion tokens; logits only at those positions."""
-    ids, mask = _padded(batch, pad_id)
+    ids, mask = _padded(batch, pad_id, inputs_only=True)
     rows, cols, targets = [], [], []
     for b, e in enumerate(batch):
         start = len(e.prompt_ids) - 1  # the position whose next token is the first completion token
@@ -242,7 +244,8 @@ def completion_loss(model: LlamaForCausalLM, batch: list[Example], pad_id: int =
         if first_trained:
             x = torch.zeros((*ids.shape, model.config.n_embd), dtype=batch[0].frozen.dtype)
             for b, e in enumerate(batch):
-                x[b, : len(e.frozen)] = e.frozen
+                n = len(e.frozen) - 1  # the inputs: all but the last token
+                x[b, :n] = e.frozen[:n]
         else:
             x = model.model.embed_tokens(ids)
         picked = model.run_layers(x, mask, first_trained, model.config.n_layer)[rows_t, cols_t]
