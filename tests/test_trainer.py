@@ -179,6 +179,9 @@ def test_bad_input(tiny_model_path, tmp_path):
     with pytest.raises(InvalidRequestError, match="longer than max_length"):
         train(tiny_model_path, [{"messages": [{"role": "user", "content": "word " * 300}], "completion": "x"}] * 2,
               TrainConfig(max_length=64), tmp_path, progress=False)
+    with pytest.raises(InvalidRequestError, match="longer than the model's context"):  # the tiny model's is 1024
+        train(tiny_model_path, [{"messages": [{"role": "user", "content": "word " * 1100}], "completion": "x"}] * 2,
+              TrainConfig(max_length=4096), tmp_path, progress=False)
     with pytest.raises(InvalidRequestError, match="needs 'messages'"):
         train(tiny_model_path, [{"prompt": "x"}] * 2, CFG, tmp_path, progress=False)
     with pytest.raises(InvalidRequestError):

@@ -262,6 +262,9 @@ def prepare_examples(tok: Tokenization, examples: Iterable[Mapping[str, Any]], m
         n = len(e.prompt_ids) + len(e.completion_ids)
         if n > max_length:
             raise InvalidRequestError(f"example {i} is {n} tokens, longer than max_length={max_length}")
+        if 0 < tok.model.n_ctx_train < n:
+            raise InvalidRequestError(f"example {i} is {n} tokens, longer than the model's context "
+                                      f"({tok.model.n_ctx_train} tokens)")
         out.append(e)
     if len(out) < 2:
         raise InvalidRequestError(f"need at least 2 training examples, got {len(out)}")
