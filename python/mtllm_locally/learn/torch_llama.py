@@ -280,12 +280,17 @@ GGUF_TO_HF = {
 HF_TO_GGUF = {v: k for k, v in GGUF_TO_HF.items()}
 
 
-def load_llama(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
-    """Dequantize the GGUF at `path` into a torch model (HF layout and names)."""
+def gguf_reader(path: str | Path) -> gguf.GGUFReader:
+    """The file's metadata and tensor index (memory-mapped; nothing is dequantized yet)."""
     try:
-        reader = gguf.GGUFReader(str(path))
+        return gguf.GGUFReader(str(path))
     except Exception as e:
         raise ModelLoadError(f"cannot read GGUF {path}: {e}") from e
+
+
+def load_llama(path: str | Path, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """Dequantize the GGUF at `path` into a torch model (HF layout and names)."""
+    reader = gguf_reader(path)
     c = read_config(reader)
     model = LlamaForCausalLM(c)
     sd = {}

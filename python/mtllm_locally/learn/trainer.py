@@ -35,7 +35,7 @@ from ..chat import ChatTemplate, for_template
 from ..errors import InvalidRequestError, MtllmError
 from . import export
 from .lora_linear import use_fused_forward
-from .torch_llama import LlamaForCausalLM, load_llama
+from .torch_llama import LlamaForCausalLM, gguf_reader, load_llama, read_config
 
 
 class TrainingCancelled(MtllmError):
@@ -253,7 +253,8 @@ def completion_loss(model: LlamaForCausalLM, batch: list[Example], pad_id: int =
     return torch.nn.functional.cross_entropy(logits, torch.tensor(targets)), len(targets)
 
 
-def prepare_examples(tok: Tokenization, examples: Iterable[Mapping[str, Any]], max_length: int) -> list[Example]:
+def prepare_examples(tok: Tokenization, examples: Iterable[Mapping[str, Any]], max_length: int,
+                     n_ctx: int = 0) -> list[Example]:
     out = []
     for i, ex in enumerate(examples):
         if not isinstance(ex, Mapping) or "messages" not in ex or "completion" not in ex:
@@ -262,9 +263,8 @@ def prepare_examples(tok: Tokenization, examples: Iterable[Mapping[str, Any]], m
         n = len(e.prompt_ids) + len(e.completion_ids)
         if n > max_length:
             raise InvalidRequestError(f"example {i} is {n} tokens, longer than max_length={max_length}")
-        if 0 < tok.model.n_ctx_train < n:
-            raise InvalidRequestError(f"example {i} is {n} tokens, longer than the model's context "
-                                      f"({tok.model.n_ctx_train} tokens)")
+        if 0 < n_ctx < n:
+            raise InvalidRequestError(f"example {i} is {n} tokens, longer than the model's context ({n_ctx} tokens)")
         out.append(e)
     if len(out) < 2:
         raise InvalidRequestError(f"need at least 2 training examples, got {len(out)}")
@@ -280,8 +280,9 @@ def train(model_path: str | Path | None, examples: Iterable[Mapping[str, Any]], 
     from a checkpoint there made for the same base, data and config, and keeps one while it runs."""
     path = str(models.resolve(model_path) if model_path is None or isinstance(model_path, str) and
                model_path in models.DEFAULT_ALIASES else models.check_gguf(model_path))
+    shape = read_config(gguf_reader(path))  # refuses an architecture we cannot train before any work
     tok = Tokenization(path)
-    data = prepare_examples(tok, examples, config.max_length)
+    data = prepare_examples(tok, examples, config.max_length, shape.n_ctx)
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
     if config.threads:
