@@ -8,7 +8,8 @@ template renderer and tokenized by the engine's own tokenizer (llama.cpp's), so
 training sees the tokens serving sees; the loss covers the completion and the
 end-of-turn token only. Speed on CPU comes from computing the prompt start a batch
 shares (a task's system text and instructions) once per batch, logits only at
-completion positions and length-bucketed batches (bf16 autocast: see TrainConfig);
+completion positions, the LoRA product inside the base GEMM (lora_linear.py) and
+length-bucketed batches (bf16 autocast: see TrainConfig);
 `threads` leaves cores to a serving process. Deterministic with a seed; `cancel` (a threading.Event) stops it
 cleanly and no adapter is written. With a `checkpoint_dir`, the run saves its state there
 every `checkpoint_every_s` and when cancelled, and a later run on the same base, data and
