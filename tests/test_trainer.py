@@ -159,6 +159,10 @@ def test_a_checkpoint_of_other_data_or_config_is_not_resumed(tiny_model_path, tm
                          tmp_path / "d", progress=False, checkpoint_dir=ckpt)
     assert other_config.resumed_from == 0
 
+    (tmp_path / "c.txt").write_text("x")
+    with pytest.raises(InvalidRequestError, match="not a directory"):
+        train(tiny_model_path, EXAMPLES, CFG, tmp_path / "f", progress=False, checkpoint_dir=tmp_path / "c.txt")
+
     ckpt.mkdir(exist_ok=True)
     (ckpt / CHECKPOINT_FILE).write_bytes(b"not a checkpoint")  # e.g. cut short by a full disk
     res = train(tiny_model_path, EXAMPLES, CFG, tmp_path / "e", progress=False, checkpoint_dir=ckpt)

@@ -96,7 +96,7 @@ CHECKPOINT_FILE = "trainer-state.pt"
 
 def _fingerprint(base_path: str, data: list["Example"], config: "TrainConfig") -> str:
     """What a checkpoint is valid for: the base file, the token ids, the config (threads aside)."""
-    h = hashlib.sha256()
+    h = hashlib.sha256(b"trainer-state v1")  # the file's layout: bump when it changes
     st = os.stat(base_path)
     h.update(f"{Path(base_path).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
     h.update(json.dumps({k: v for k, v in asdict(config).items() if k != "threads"}, sort_keys=True,
@@ -281,6 +281,8 @@ def train(model_path: str | Path | None, examples: Iterable[Mapping[str, Any]], 
     from a checkpoint there made for the same base, data and config, and keeps one while it runs."""
     path = str(models.resolve(model_path) if model_path is None or isinstance(model_path, str) and
                model_path in models.DEFAULT_ALIASES else models.check_gguf(model_path))
+    if checkpoint_dir is not None and Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
+        raise InvalidRequestError(f"checkpoint_dir {checkpoint_dir} exists and is not a directory")
     shape = read_config(gguf_reader(path))  # refuses an architecture we cannot train before any work
     tok = Tokenization(path)
     data = prepare_examples(tok, examples, config.max_length, shape.n_ctx)
@@ -305,7 +307,8 @@ def train(model_path: str | Path | None, examples: Iterable[Mapping[str, Any]], 
     if first_trained:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
             cache_frozen_layers(base, data, first_trained, config.batch_size)
-    params = [p for p in model.parameters() if p.requires_grad]
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    params = list(trained.values())
     if config.loraplus_ratio:
         from peft.optimizers import create_loraplus_optimizer
 
@@ -326,7 +329,6 @@ def train(model_path: str | Path | None, examples: Iterable[Mapping[str, Any]], 
         return min(1.0, (s + 1) / max(1, total // 10)) * decay
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     ckpt = Checkpoint(checkpoint_dir, _fingerprint(path, data, config)) if checkpoint_dir is not None else None
     step, tokens, losses, elapsed = 0, 0, [], 0.0
     state = ckpt.load() if ckpt is not None else None
