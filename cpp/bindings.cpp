@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "cpu_backend.h"
 #include "engine.h"
 #include "errors.h"
 #include "log_sink.h"
@@ -86,6 +87,21 @@ PYBIND11_MODULE(_engine, m) {
        "Forward llama.cpp log lines (level, text) to `sink`; None silences them (default).");
     m.def("last_log_errors", &log_last_errors);
     m.def("system_info", [] { return std::string(llama_print_system_info()); });
+    m.def("cpu_extra_buffer_types_available", &cpu_extra_buffer_types_available,
+          "Extra CPU weight buffer types (AMX, CPU_REPACK, ...) this llama.cpp build offers on this CPU.");
+    m.def("cpu_extra_buffer_types_enabled", &cpu_extra_buffer_types_enabled,
+          "Those that models loaded from now on will use.");
+    m.def("cpu_extra_buffer_types_enable", &cpu_extra_buffer_types_enable, py::arg("names"),
+          "Use only these (process-wide, for models loaded from now on); returns the enabled list.");
+    {
+        py::dict limits;
+        limits["max_stops"] = kMaxStops;
+        limits["max_stop_bytes"] = kMaxStopBytes;
+        limits["max_grammar_bytes"] = kMaxGrammarBytes;
+        limits["max_adapter_scale"] = kMaxAdapterScale;
+        limits["max_logits_floats"] = kMaxLogitsFloats;
+        m.attr("limits") = limits;
+    }
     m.def("max_parallel_sequences", [] { return llama_max_parallel_sequences(); });
     m.def("quantize", [](const std::string& src, const std::string& dst, int ftype, int nthread) {
         llama_model_quantize_params qp = llama_model_quantize_default_params();
@@ -125,6 +141,12 @@ PYBIND11_MODULE(_engine, m) {
         .def("meta", &Model::meta)
         .def("metadata", &Model::metadata)
         .def_property_readonly("chat_template", &Model::chat_template)
+        .def_property_readonly("chat_template_bytes", [](const Model& m_) { return py::bytes(m_.chat_template()); })
+        .def("special_texts", [](const Model& m_) {
+                 py::list out;
+                 for (const auto& t : m_.special_texts()) out.append(py::bytes(t));
+                 return out;
+             }, "Texts of the tokens the tokenizer matches whole when parse_special is on (bytes).")
         .def_property_readonly("description", &Model::description)
         .def_property_readonly("path", &Model::path)
         .def_property_readonly("n_vocab", &Model::n_vocab)
@@ -226,6 +248,7 @@ PYBIND11_MODULE(_engine, m) {
                  d["tokens_reused"] = s.tokens_reused;
                  d["preemptions"] = s.preemptions;
                  d["evictions"] = s.evictions;
+                 d["internal_errors"] = s.internal_errors;
                  d["requests_finished"] = s.requests_finished;
                  d["running"] = s.running;
                  d["waiting"] = s.waiting;

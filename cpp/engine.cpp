@@ -68,9 +68,11 @@ Engine::Engine(std::shared_ptr<Model> model, const EngineParams& params)
     ctx_ = llama_init_from_model(model_->get(), cp);
     if (!ctx_) throw ModelLoadError("cannot create a llama.cpp context: " + log_last_errors());
     n_ctx_ = int(llama_n_ctx_seq(ctx_));
+    // llama.cpp caps n_batch at n_ctx; a step larger than its cap is a GGML_ASSERT.
+    scheduler_.set_budget(int(llama_n_batch(ctx_)));
     kv_ = std::make_unique<KvCacheManager>(llama_get_memory(ctx_), n_seq_max_, params_.prefix_reuse);
     batch_ = llama_batch_init(params_.n_batch, 0, 1);
-    worker_ = std::thread([this] { loop(); });
+    worker_.start([this] { loop(); }, kGrammarStackBytes);
 }
 
 Engine::~Engine() {
@@ -111,7 +113,26 @@ std::shared_ptr<Request> Engine::submit(std::vector<llama_token> prompt, const S
     if (int(prompt.size()) >= n_ctx_)
         throw ContextOverflowError("prompt is " + std::to_string(prompt.size()) + " tokens; the context holds " +
                                    std::to_string(n_ctx_) + " (prompt plus at least one generated token)");
+    // Python validates first; these are the native engine's own limits, so that no
+    // caller can hand the scheduler thread something that aborts it.
     if (params.max_tokens < 0) throw InvalidRequestError("max_tokens must be >= 0");
+    auto finite = [](float v) { return std::isfinite(v); };
+    if (!finite(params.temperature) || params.temperature < 0) throw InvalidRequestError("temperature must be a finite number >= 0");
+    if (!finite(params.top_p) || params.top_p <= 0 || params.top_p > 1) throw InvalidRequestError("top_p must be in (0, 1]");
+    if (!finite(params.min_p) || params.min_p < 0 || params.min_p > 1) throw InvalidRequestError("min_p must be in [0, 1]");
+    if (!finite(params.repeat_penalty) || params.repeat_penalty <= 0) throw InvalidRequestError("repeat_penalty must be a finite number > 0");
+    if (params.top_k < 0) throw InvalidRequestError("top_k must be >= 0");
+    if (params.repeat_last_n < -1) throw InvalidRequestError("repeat_last_n must be >= -1");
+    if (params.stop.size() > kMaxStops) throw InvalidRequestError("at most " + std::to_string(kMaxStops) + " stop strings");
+    for (const auto& s : params.stop)
+        if (s.size() > kMaxStopBytes) throw InvalidRequestError("a stop string is longer than " + std::to_string(kMaxStopBytes) + " bytes");
+    if (params.logits_all && double(prompt.size()) * double(n_vocab) > double(kMaxLogitsFloats))
+        throw InvalidRequestError("logits_all for " + std::to_string(prompt.size()) + " prompt tokens would need more than " +
+                                  std::to_string(kMaxLogitsFloats / (1 << 28)) + " GiB");
+    for (const auto& [id, scale] : adapters)
+        if (!std::isfinite(scale) || std::fabs(scale) > kMaxAdapterScale)
+            throw InvalidRequestError("adapter scale must be finite and within [-" + std::to_string(int(kMaxAdapterScale)) +
+                                      ", " + std::to_string(int(kMaxAdapterScale)) + "]");
 
     auto r = std::make_shared<Request>();
     r->prompt = std::move(prompt);
@@ -132,8 +153,12 @@ std::shared_ptr<Request> Engine::submit(std::vector<llama_token> prompt, const S
             if (!guidance_) guidance_ = std::make_shared<GuidanceTokenizer>(guidance_path_, model_);
             tok = guidance_;
         }
-        // Compiled here, in the caller's thread: a bad schema fails at submit.
-        r->constraint = std::make_unique<Constraint>(tok, constraint_kind, constraint_data);
+        if (constraint_data.size() > kMaxGrammarBytes)
+            throw InvalidRequestError("the " + constraint_kind + " constraint is " + std::to_string(constraint_data.size()) +
+                                      " bytes; the limit is " + std::to_string(kMaxGrammarBytes));
+        // Compiled now, so a bad schema fails at submit; on a big stack, because the
+        // compiler recurses as deep as the grammar nests.
+        run_with_big_stack([&] { r->constraint = std::make_unique<Constraint>(tok, constraint_kind, constraint_data); });
     }
     {
         std::lock_guard<std::mutex> lock(mu_);
@@ -239,6 +264,7 @@ void Engine::finish(Request* r, const std::string& reason, const std::string& er
         if (err_kind.empty()) kv_->release(r->seq);
         else kv_->drop(r->seq);
         r->seq = -1;
+        kv_pressure_ = false;  // its cells are free: waiting requests may be admitted again
     }
     {
         std::lock_guard<std::mutex> lock(mu_);
@@ -267,42 +293,54 @@ void Engine::fail_all(const std::string& kind, const std::string& msg) {
 
 void Engine::build_sampler(Request* r) {
     const SamplingParams& p = r->params;
+    // Windows longer than the context or the vocabulary mean the same as those sizes;
+    // clamped, because llama.cpp allocates them up front (2^31-1 was a bad_alloc).
+    const int last_n = p.repeat_last_n < 0 || p.repeat_last_n > n_ctx_ ? n_ctx_ : p.repeat_last_n;
+    const int top_k = std::min(p.top_k, model_->n_vocab());
     llama_sampler* chain = llama_sampler_chain_init(llama_sampler_chain_default_params());
+    r->sampler = chain;  // owned by the request from here on, even if a step below throws
     if (r->constraint) llama_sampler_chain_add(chain, constraint_sampler(r->constraint.get()));
     if (p.repeat_penalty != 1.0f)
-        llama_sampler_chain_add(chain, llama_sampler_init_penalties(model_->n_vocab(), p.repeat_last_n, p.repeat_penalty, 0.0f, 0.0f));
+        llama_sampler_chain_add(chain, llama_sampler_init_penalties(model_->n_vocab(), last_n, p.repeat_penalty, 0.0f, 0.0f));
     if (p.temperature <= 0.0f) {
         llama_sampler_chain_add(chain, llama_sampler_init_greedy());
     } else {
-        if (p.top_k > 0) llama_sampler_chain_add(chain, llama_sampler_init_top_k(p.top_k));
+        if (top_k > 0) llama_sampler_chain_add(chain, llama_sampler_init_top_k(top_k));
         if (p.top_p < 1.0f) llama_sampler_chain_add(chain, llama_sampler_init_top_p(p.top_p, 1));
         if (p.min_p > 0.0f) llama_sampler_chain_add(chain, llama_sampler_init_min_p(p.min_p, 1));
         llama_sampler_chain_add(chain, llama_sampler_init_temp(p.temperature));
         llama_sampler_chain_add(chain, llama_sampler_init_dist(p.seed));
     }
-    r->sampler = chain;
 }
 
 void Engine::admit() {
-    while (!waiting_.empty() && int(running_.size()) < params_.max_running) {
-        Request* r = waiting_.front().get();
+    if (running_.empty()) kv_pressure_ = false;
+    while (!waiting_.empty() && int(running_.size()) < params_.max_running && !kv_pressure_) {
+        std::shared_ptr<Request> r = waiting_.front();
         SlotPlan plan;
         // logits_all wants every prompt position's logits, so it cannot start from a cached prefix.
         if (!kv_->acquire(r->tokens, r->key, !r->params.logits_all, &plan)) break;
+        waiting_.pop_front();
+        {
+            std::lock_guard<std::mutex> lock(mu_);
+            --n_waiting_shared_;
+        }
         r->seq = plan.seq;
         r->n_computed = plan.n_reuse;
-        if (!r->admitted_once) {
-            r->admitted_once = true;
-            r->t_admit_us = now_us();
-            r->stats.cached_tokens = plan.n_reuse;
-            r->stats.queue_ms = double(r->t_admit_us - r->t_submit_us) / 1000.0;
-            build_sampler(r);
-            if (r->params.logits_all) r->logits.reserve(r->prompt.size() * size_t(model_->n_vocab()));
+        try {
+            if (!r->admitted_once) {
+                r->admitted_once = true;
+                r->t_admit_us = now_us();
+                r->stats.cached_tokens = plan.n_reuse;
+                r->stats.queue_ms = double(r->t_admit_us - r->t_submit_us) / 1000.0;
+                build_sampler(r.get());
+                if (r->params.logits_all) r->logits.reserve(r->prompt.size() * size_t(model_->n_vocab()));
+            }
+        } catch (const std::exception& e) {
+            finish(r.get(), "error", "EngineError", std::string("cannot start the request: ") + e.what());
+            continue;
         }
-        running_.push_back(waiting_.front());
-        waiting_.pop_front();
-        std::lock_guard<std::mutex> lock(mu_);
-        --n_waiting_shared_;
+        running_.push_back(std::move(r));
     }
 }
 
@@ -373,6 +411,7 @@ bool Engine::handle_no_kv_slot(const StepPlan& plan) {
         victim->n_computed = 0;
         victim->stats.preemptions++;
         waiting_.push_front(victim);
+        kv_pressure_ = true;
         {
             std::lock_guard<std::mutex> lock(mu_);
             ++n_waiting_shared_;
@@ -436,100 +475,143 @@ void Engine::update(const StepPlan& plan) {
     const int n_vocab = model_->n_vocab();
     for (const ScheduledSlice& s : plan.slices) {
         Request* r = s.request;
-        kv_->on_computed(r->seq, r->tokens.data() + s.start, s.n_tokens);
-        if (r->params.logits_all) {
-            for (int i = 0; i < s.n_tokens; ++i) {
-                if (s.start + i >= int(r->prompt.size())) break;
-                const float* row = llama_get_logits_ith(ctx_, batch_index + i);
-                r->logits.insert(r->logits.end(), row, row + n_vocab);
-            }
-        }
-        r->n_computed += s.n_tokens;
         batch_index += s.n_tokens;
-        if (s.sample) sample_next(r, batch_index - 1);
+        if (r->seq < 0) continue;  // failed earlier in this update
+        // One request's failure (a grammar error, an allocation) ends that request only.
+        try {
+            kv_->on_computed(r->seq, r->tokens.data() + s.start, s.n_tokens);
+            if (r->params.logits_all) {
+                for (int i = 0; i < s.n_tokens; ++i) {
+                    if (s.start + i >= int(r->prompt.size())) break;
+                    const float* row = llama_get_logits_ith(ctx_, batch_index - s.n_tokens + i);
+                    r->logits.insert(r->logits.end(), row, row + n_vocab);
+                }
+            }
+            r->n_computed += s.n_tokens;
+            if (s.sample) sample_next(r, batch_index - 1);
+        } catch (const std::exception& e) {
+            fail_request(r, e.what());
+        }
     }
     running_.erase(std::remove_if(running_.begin(), running_.end(),
                                   [](const std::shared_ptr<Request>& r) { return r->seq < 0; }),
                    running_.end());
 }
 
+void Engine::fail_request(Request* r, const std::string& what) {
+    {
+        std::lock_guard<std::mutex> lock(stats_mu_);
+        stats_.internal_errors++;
+    }
+    finish(r, "error", "EngineError", "internal error while serving the request: " + what);
+}
+
 void Engine::loop() {
+    // Nothing may escape this thread: an exception here would end the host process.
     for (;;) {
+        try {
+            if (!step()) return;
+        } catch (const std::exception& e) {
+            recover(e.what());
+        } catch (...) {
+            recover("unknown exception");
+        }
+    }
+}
+
+void Engine::recover(const char* what) {
+    // A step failed outside any one request: the running requests' KV and samplers
+    // are in an unknown state, so they fail; waiting requests are untouched.
+    try {
         {
-            std::unique_lock<std::mutex> lock(mu_);
-            cv_.wait(lock, [&] { return stop_ || !incoming_.empty() || !running_.empty() || !waiting_.empty(); });
-            while (!incoming_.empty()) {
-                waiting_.push_back(std::move(incoming_.front()));
-                incoming_.pop_front();
-            }
-            // Free adapters whose unload was requested once nothing uses them.
-            for (auto it = adapters_.begin(); it != adapters_.end();) {
-                if (it->second.unload_pending && it->second.users == 0) {
-                    // Never free an adapter still set on the context.
-                    llama_set_adapters_lora(ctx_, nullptr, 0, nullptr);
-                    current_adapter_key_.clear();
-                    llama_adapter_lora_free(it->second.ptr);
-                    it = adapters_.erase(it);
-                } else {
-                    ++it;
-                }
-            }
+            std::lock_guard<std::mutex> lock(stats_mu_);
+            stats_.internal_errors++;
         }
-        if (stop_) {
-            fail_all("EngineClosedError", "engine closed before the request finished");
-            return;
+        for (auto& r : running_)
+            if (r->seq >= 0) finish(r.get(), "error", "EngineError", std::string("internal error in the engine: ") + what);
+        running_.clear();
+        kv_pressure_ = false;
+    } catch (...) {
+        running_.clear();
+    }
+}
+
+bool Engine::step() {
+    {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return stop_ || !incoming_.empty() || !running_.empty() || !waiting_.empty(); });
+        while (!incoming_.empty()) {
+            waiting_.push_back(std::move(incoming_.front()));
+            incoming_.pop_front();
         }
-        // Cancellations, wherever the request is.
-        for (auto it = waiting_.begin(); it != waiting_.end();) {
-            if ((*it)->cancel_requested) {
-                finish(it->get(), "cancelled");
-                it = waiting_.erase(it);
-                std::lock_guard<std::mutex> lock(mu_);
-                --n_waiting_shared_;
+        // Free adapters whose unload was requested once nothing uses them.
+        for (auto it = adapters_.begin(); it != adapters_.end();) {
+            if (it->second.unload_pending && it->second.users == 0) {
+                // Never free an adapter still set on the context.
+                llama_set_adapters_lora(ctx_, nullptr, 0, nullptr);
+                current_adapter_key_.clear();
+                llama_adapter_lora_free(it->second.ptr);
+                it = adapters_.erase(it);
             } else {
                 ++it;
             }
         }
-        for (auto& r : running_)
-            if (r->cancel_requested) finish(r.get(), "cancelled");
-        running_.erase(std::remove_if(running_.begin(), running_.end(), [](const auto& r) { return r->seq < 0; }),
-                       running_.end());
-
-        admit();
-        {
-            std::lock_guard<std::mutex> lock(stats_mu_);
-            stats_.running = int(running_.size());
-            stats_.waiting = int(waiting_.size());
-            stats_.cached_sequences = kv_->cached_sequences();
-            stats_.tokens_reused = kv_->reused_tokens();
-        }
-        StepPlan plan = scheduler_.schedule([&] {
-            std::vector<Request*> v;
-            for (auto& r : running_) v.push_back(r.get());
-            return v;
-        }());
-        if (plan.empty()) continue;
-
-        int ret = execute(plan);
-        if (ret == 0) {
-            update(plan);
-        } else if (ret == 1) {
-            if (!handle_no_kv_slot(plan)) {
-                Request* r = running_.front().get();
-                finish(r, "error", "ContextOverflowError", "the KV cache cannot hold this request (" +
-                       std::to_string(r->tokens.size()) + " tokens, n_ctx=" + std::to_string(n_ctx_) + ")");
-                running_.erase(running_.begin());
-            }
+    }
+    if (stop_) {
+        fail_all("EngineClosedError", "engine closed before the request finished");
+        return false;
+    }
+    // Cancellations, wherever the request is.
+    for (auto it = waiting_.begin(); it != waiting_.end();) {
+        if ((*it)->cancel_requested) {
+            finish(it->get(), "cancelled");
+            it = waiting_.erase(it);
+            std::lock_guard<std::mutex> lock(mu_);
+            --n_waiting_shared_;
         } else {
-            std::string msg = ret == -100 ? "llama_set_adapters_lora failed"
-                                          : "llama_decode failed with code " + std::to_string(ret) + ": " + log_last_errors();
-            {
-                std::lock_guard<std::mutex> lock(mu_);
-                broken_ = msg;
-            }
-            fail_all("EngineError", msg);
+            ++it;
         }
     }
+    for (auto& r : running_)
+        if (r->cancel_requested) finish(r.get(), "cancelled");
+    running_.erase(std::remove_if(running_.begin(), running_.end(), [](const auto& r) { return r->seq < 0; }),
+                   running_.end());
+
+    admit();
+    {
+        std::lock_guard<std::mutex> lock(stats_mu_);
+        stats_.running = int(running_.size());
+        stats_.waiting = int(waiting_.size());
+        stats_.cached_sequences = kv_->cached_sequences();
+        stats_.tokens_reused = kv_->reused_tokens();
+    }
+    StepPlan plan = scheduler_.schedule([&] {
+        std::vector<Request*> v;
+        for (auto& r : running_) v.push_back(r.get());
+        return v;
+    }());
+    if (plan.empty()) return true;
+
+    int ret = execute(plan);
+    if (ret == 0) {
+        update(plan);
+    } else if (ret == 1) {
+        if (!handle_no_kv_slot(plan)) {
+            Request* r = running_.front().get();
+            finish(r, "error", "ContextOverflowError", "the KV cache cannot hold this request (" +
+                   std::to_string(r->tokens.size()) + " tokens, n_ctx=" + std::to_string(n_ctx_) + ")");
+            running_.erase(running_.begin());
+        }
+    } else {
+        std::string msg = ret == -100 ? "llama_set_adapters_lora failed"
+                                      : "llama_decode failed with code " + std::to_string(ret) + ": " + log_last_errors();
+        {
+            std::lock_guard<std::mutex> lock(mu_);
+            broken_ = msg;
+        }
+        fail_all("EngineError", msg);
+    }
+    return true;
 }
 
 }  // namespace mtllm

@@ -14,12 +14,21 @@
 #include <thread>
 #include <vector>
 
+#include "big_stack_thread.h"
 #include "kv_cache_manager.h"
 #include "model.h"
 #include "request.h"
 #include "scheduler.h"
 
 namespace mtllm {
+
+// Limits checked at submit, so that nothing a caller passes can abort the scheduler
+// thread. Python reads the same values (_engine.limits) and checks them first.
+constexpr size_t kMaxStops = 64;                    // stop strings per request
+constexpr size_t kMaxStopBytes = 1024;              // bytes per stop string
+constexpr size_t kMaxGrammarBytes = size_t(1) << 20;  // schema / grammar text
+constexpr float kMaxAdapterScale = 100.0f;          // |scale| of one adapter
+constexpr size_t kMaxLogitsFloats = size_t(1) << 28;  // logits_all buffer: 1 GiB
 
 struct EngineParams {
     int n_ctx = 0;             // KV cells shared by all sequences = longest request; 0 = min(train ctx, 8192)
@@ -40,6 +49,7 @@ struct EngineStats {
     int64_t tokens_reused = 0;     // prompt tokens served from the prefix cache
     uint64_t preemptions = 0;
     uint64_t evictions = 0;
+    uint64_t internal_errors = 0;  // C++ exceptions caught by the scheduler thread
     uint64_t requests_finished = 0;
     int running = 0;
     int waiting = 0;
@@ -92,6 +102,9 @@ private:
     std::atomic<int> applied_threads_{0};
     int configured_threads_ = 1;
     void loop();
+    bool step();  // one schedule -> execute -> update; false once closed
+    void recover(const char* what);
+    void fail_request(Request* r, const std::string& what);
     void admit();
     int execute(const StepPlan& plan);
     void update(const StepPlan& plan);
@@ -125,6 +138,10 @@ private:
     std::deque<std::shared_ptr<Request>> waiting_;
     std::vector<std::shared_ptr<Request>> running_;
     std::string current_adapter_key_;
+    // Set by a preemption, cleared when a request finishes: while set nothing is
+    // admitted, so a preempted request cannot be re-admitted into the same full
+    // cache step after step (a livelock in which no request ever finished).
+    bool kv_pressure_ = false;
 
     // adapters (loaded under mu_; used by the scheduler thread)
     struct LoadedAdapter {
@@ -148,7 +165,7 @@ private:
     mutable std::mutex stats_mu_;
     EngineStats stats_;
 
-    std::thread worker_;
+    BigStackThread worker_;  // llguidance computes masks recursively on this thread
 };
 
 }  // namespace mtllm

@@ -104,6 +104,17 @@ std::string Model::chat_template() const {
     return t ? std::string(t) : std::string();
 }
 
+std::vector<std::string> Model::special_texts() const {
+    const int mask = LLAMA_TOKEN_ATTR_CONTROL | LLAMA_TOKEN_ATTR_USER_DEFINED | LLAMA_TOKEN_ATTR_UNKNOWN;
+    std::vector<std::string> out;
+    for (llama_token t = 0; t < n_vocab(); ++t) {
+        if (!(llama_vocab_get_attr(vocab_, t) & mask)) continue;
+        const char* text = llama_vocab_get_text(vocab_, t);
+        if (text && *text) out.emplace_back(text);
+    }
+    return out;
+}
+
 std::string Model::description() const {
     char buf[256];
     int n = llama_model_desc(model_, buf, sizeof(buf));

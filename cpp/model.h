@@ -40,6 +40,9 @@ public:
     std::string meta(const std::string& key) const;   // "" when absent
     std::map<std::string, std::string> metadata() const;
     std::string chat_template() const;
+    // Text of every token llama_tokenize matches as one piece when parse_special is
+    // on (control, user-defined, unknown): what user content must not smuggle in.
+    std::vector<std::string> special_texts() const;
     std::string description() const;
 
 private:

@@ -26,8 +26,16 @@ from .errors import InvalidRequestError
 
 @dataclass(frozen=True)
 class Grammar:
-    kind: str   # "json_schema" | "json_object" | "regex" | "lark"
+    kind: str   # "json_schema" | "regex" | "lark"
     data: str
+
+    def __post_init__(self):
+        if self.kind not in ("json_schema", "regex", "lark"):
+            raise InvalidRequestError(f"grammar kind must be json_schema, regex or lark, not {self.kind!r}")
+        if not isinstance(self.data, str):
+            raise InvalidRequestError(f"grammar text must be a str, not {type(self.data).__name__}")
+        if "\x00" in self.data:
+            raise InvalidRequestError("grammar text contains a NUL character")
 
 
 @functools.lru_cache(maxsize=1)
@@ -49,15 +57,20 @@ GUIDANCE_OPTIONS = {"whitespace_flexible": False}
 _BYLLM_ENUM_HINT = re.compile(r"The value \*should\* be one in this list: (\[.*?\])")
 
 
-def _with_byllm_enums(node: Any) -> Any:
+MAX_SCHEMA_DEPTH = 64  # nesting of a JSON schema; deeper ones are refused, not recursed into
+
+
+def _with_byllm_enums(node: Any, depth: int = 0) -> Any:
     """byllm describes an enum return type as {"type": "integer", "description":
     "...The value *should* be one in this list: [1, 2]"} without an `enum` keyword;
     we add the keyword so the output is a member, not just an integer."""
+    if depth > MAX_SCHEMA_DEPTH:
+        raise InvalidRequestError(f"JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels")
     if isinstance(node, list):
-        return [_with_byllm_enums(n) for n in node]
+        return [_with_byllm_enums(n, depth + 1) for n in node]
     if not isinstance(node, dict):
         return node
-    out = {k: _with_byllm_enums(v) for k, v in node.items()}
+    out = {k: _with_byllm_enums(v, depth + 1) for k, v in node.items()}
     desc = out.get("description")
     if "enum" not in out and out.get("type") in ("integer", "string") and isinstance(desc, str):
         m = _BYLLM_ENUM_HINT.search(desc)
@@ -73,6 +86,17 @@ def _with_byllm_enums(node: Any) -> Any:
 
 
 def _schema_text(schema: Any) -> str:
+    try:
+        return _schema_text_checked(schema)
+    except RecursionError:
+        raise InvalidRequestError(f"JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels") from None
+    except (TypeError, ValueError) as e:  # json.dumps of non-JSON values, circular references
+        if isinstance(e, InvalidRequestError):
+            raise
+        raise InvalidRequestError(f"JSON schema is not JSON-serializable: {e}") from None
+
+
+def _schema_text_checked(schema: Any) -> str:
     if isinstance(schema, str):
         try:
             schema = json.loads(schema)
@@ -84,7 +108,7 @@ def _schema_text(schema: Any) -> str:
         raise InvalidRequestError(f"JSON schema must be an object, not {type(schema).__name__}")
     schema = _with_byllm_enums(schema)
     schema.setdefault("x-guidance", GUIDANCE_OPTIONS)
-    return json.dumps(schema)
+    return json.dumps(schema, allow_nan=False)
 
 
 def from_response_format(rf: Mapping[str, Any] | None) -> Grammar | None:
