@@ -22,6 +22,7 @@ from mtllm_locally import Engine, models  # noqa: E402
 from mtllm_locally.learn import policy  # noqa: E402
 from mtllm_locally.learn.loop import TaskRef, start_training  # noqa: E402
 from mtllm_locally.learn.registry import Registry, RegistryError  # noqa: E402
+from mtllm_locally.learn.registry import task_dirname  # noqa: E402
 from mtllm_locally.learn.store import Store  # noqa: E402
 from mtllm_locally.serve.deploy import Router  # noqa: E402
 from tiny_llama import build_tiny_llama, build_tiny_lora  # noqa: E402
@@ -34,7 +35,8 @@ def assert_consistent(reg: Registry, base: str) -> None:
     versions = reg.versions(TASK)
     assert [v.version for v in versions] == list(range(1, len(versions) + 1))  # never reused, no gaps
     assert not [v for v in versions if v.status == "training"], "a dead training still shows as running"
-    task_dir = reg.root / "classify-t"
+    task_dir = reg.root / task_dirname(TASK)
+    assert task_dir.parent == reg.root
     assert not list(task_dir.glob("*.tmp*")) if task_dir.exists() else True, "staging left behind"
     current = reg.deployed(TASK, base)
     log = [r for r in reg.log(TASK) if r["base"] == base]

@@ -3,6 +3,7 @@
     info | chat MESSAGE                       the model
     status | calls | feedback                 what the program did (the store)
     train | eval | promote | rollback         the learning loop, by hand
+    release [ADAPTER_ID] [--force]            clear a stuck training reservation
     export | plot                             adapters out; held-out accuracy per version
 """
 
@@ -177,10 +178,19 @@ def cmd_rollback(args) -> int:
     return 0
 
 
+def cmd_release(args) -> int:
+    from .learn.registry import Registry
+
+    adapter_id = Registry(_store(args)).release(args.adapter_id, force=args.force)
+    print(f"{adapter_id} released (marked failed); trainings may start again")
+    return 0
+
+
 def cmd_export(args) -> int:
     import shutil
 
     from .learn.registry import Registry
+    from .learn.store import make_private
 
     v = Registry(_store(args)).get(args.adapter_id)
     src = v.gguf_path if args.format == "gguf" else Path(v.path) / "peft"
@@ -188,11 +198,17 @@ def cmd_export(args) -> int:
         print(f"error: {v.adapter_id} has no {args.format} adapter ({v.status})", file=sys.stderr)
         return 2
     dst = Path(args.out)
+    # What we copy out is as private as the store it came from; a directory the user named is theirs.
     if src.is_dir():
+        made = not dst.exists()
         shutil.copytree(src, dst, dirs_exist_ok=True)
         shutil.copy(Path(v.path) / "manifest.json", dst / "mtllm_manifest.json")
+        copied = [dst] if made else [dst / f.name for f in src.iterdir()] + [dst / "mtllm_manifest.json"]
+        for path in copied:
+            make_private(path)
     else:
         shutil.copy(src, dst)
+        make_private(dst / src.name if dst.is_dir() else dst)
     print(f"{args.format} adapter {v.adapter_id} -> {dst}")
     return 0
 
@@ -200,8 +216,10 @@ def cmd_export(args) -> int:
 def cmd_plot(args) -> int:
     from .learn.plot import plot_versions
     from .learn.registry import Registry
+    from .learn.store import make_private
 
     out = plot_versions(Registry(_store(args)), args.out)
+    make_private(out)  # task names and scores of the user's program
     print(f"wrote {out}")
     return 0
 
@@ -267,6 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("rollback", help="serve a task with what served it before")
     g.add_argument("task")
     g.set_defaults(fn=cmd_rollback)
+    g = sub.add_parser("release", help="clear a training reservation whose process died or hangs")
+    g.add_argument("adapter_id", nargs="?", default=None, help="default: the training reserved now")
+    g.add_argument("--force", action="store_true", help="also one whose process is alive (it is asked to stop)")
+    g.set_defaults(fn=cmd_release)
     g = sub.add_parser("export", help="copy a version out as a PEFT or GGUF adapter")
     g.add_argument("adapter_id")
     g.add_argument("--format", choices=("peft", "gguf"), default="peft")

@@ -3,7 +3,9 @@ loads into the running engine, and a PEFT adapter (safetensors + adapter_config.
 that PEFT, vLLM or LoRAX load on the Hugging Face model.
 
 Both are written atomically (temporary file, then rename): an interrupted export
-never leaves a half adapter where a deploy could pick it up.
+never leaves a half adapter where a deploy could pick it up. Both are private to
+their owner (0600 files, 0700 directories) whatever the umask: they are trained on
+the user's prompts.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from .store import make_private
 from .torch_llama import HF_TO_GGUF, LlamaConfig, permute_qk
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -59,6 +62,7 @@ def write_gguf_adapter(path: str | Path, weights: dict, config: LlamaConfig, alp
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
+    make_private(tmp)
     os.replace(tmp, path)
     return path
 
@@ -79,6 +83,7 @@ def write_peft_adapter(directory: str | Path, weights: dict, alpha: float, rank:
         "target_modules": modules, "bias": "none", "use_rslora": use_rslora, "fan_in_fan_out": False,
         "base_model_name_or_path": base_model, "inference_mode": True,
         "layers_to_transform": layers, "layers_pattern": "layers" if layers else None}, indent=2))
+    make_private(tmp)
     if directory.exists():
         import shutil
 

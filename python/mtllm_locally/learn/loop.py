@@ -23,8 +23,8 @@ from pathlib import Path
 from .. import models
 from .dataset import task_examples
 from .policy import TaskPolicy, policy_for
-from .registry import AdapterVersion, Registry, RegistryError
-from .store import Store
+from .registry import AdapterVersion, Registry, RegistryError, task_dirname
+from .store import Store, private_dir, private_open
 
 log = logging.getLogger("mtllm_locally.learn")
 
@@ -65,27 +65,25 @@ def due(store: Store, registry: Registry, ref: TaskRef, policy: TaskPolicy) -> t
 
 def start_training(store: Store, ref: TaskRef, policy: TaskPolicy, *, wait: bool = False,
                    log_dir: Path | None = None) -> tuple[AdapterVersion, subprocess.Popen]:
-    """Reserve the next version and start the worker process for it."""
+    """Reserve the next version and start the worker process for it. Whatever fails
+    before the worker holds the reservation releases it (marked failed)."""
     registry = Registry(store)
     base = models.fingerprint(ref.model_path)
     v = registry.reserve(ref.task_key, base, config={"policy": asdict(policy), "model_path": ref.model_path,
                                                      "function": ref.function})
-    log_dir = log_dir or store.path.parent / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    out = open(log_dir / f"train-{v.adapter_id.replace(':', '-').replace('@', '-')}.log", "ab")
-    env = dict(os.environ)
-    if policy.threads:
-        env["OMP_NUM_THREADS"] = str(policy.threads)  # torch and llama.cpp's OpenMP pools
-    cmd = [sys.executable, "-m", "mtllm_locally.learn.worker", "--store", str(store.path), "--adapter-id",
-           v.adapter_id]
     try:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    except OSError as e:
-        registry.finish(v.adapter_id, "failed", error=f"could not start the training process: {e}")
+        log_dir = private_dir(log_dir or store.path.parent / "logs")
+        env = dict(os.environ)
+        if policy.threads:
+            env["OMP_NUM_THREADS"] = str(policy.threads)  # torch and llama.cpp's OpenMP pools
+        cmd = [sys.executable, "-m", "mtllm_locally.learn.worker", "--store", str(store.path), "--adapter-id",
+               v.adapter_id]
+        with private_open(log_dir / f"train-{task_dirname(v.task_key)}-v{v.version}.log", "ab") as out:
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        registry.claim(v.adapter_id, proc.pid)
+    except BaseException as e:
+        registry.finish(v.adapter_id, "failed", error=f"could not start the training process: {type(e).__name__}: {e}")
         raise
-    finally:
-        out.close()
-    registry.claim(v.adapter_id, proc.pid)
     log.info("training %s started (pid %d)", v.adapter_id, proc.pid)
     if wait:
         proc.wait()

@@ -7,22 +7,35 @@ when complete, and never changed afterwards. `deployments` holds one pointer per
 the change, so a crash at any moment leaves either the old or the new pointer, and
 the pointer only ever names a complete adapter.
 
-    <store dir>/adapters/<task>/v<N>/adapter.gguf, peft/, manifest.json, data.jsonl
+    <store dir>/adapters/<task dir>/v<N>/adapter.gguf, peft/, manifest.json, data.jsonl
+
+`task_dirname` is the one mapping from a task key (any text: a Jac function name
+may hold `/`, `..`, anything) to its directory: a readable slug plus a hash of the
+whole key, so it never escapes `adapters/` and two tasks never share a directory.
+Each row stores its path, so versions made under an older layout keep theirs.
+
+A reservation records its owner (host, pid, the process's boot id and start time, a
+heartbeat the training process renews). One whose owner is dead, or silent for
+`stale_after_s`, is reclaimed (marked failed) by whoever looks next, so a crashed or
+wedged training never blocks the store; `mtllm-locally release` clears one by hand.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import shutil
+import signal
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import MtllmError
-from .store import Store
+from .store import Store, make_private, private_dir
 
 
 class RegistryError(MtllmError):
@@ -45,6 +58,9 @@ class AdapterVersion:
     error: str | None
     finished_at: float | None = None
     pid: int | None = None
+    owner_host: str | None = None
+    owner_start: str | None = None
+    heartbeat_at: float | None = None
 
     @property
     def gguf_path(self) -> Path:
@@ -60,10 +76,55 @@ class AdapterVersion:
                    status=r["status"], created_at=r["created_at"], path=r["path"], parent=r["parent"],
                    config=json.loads(r["config_json"] or "{}"), data=json.loads(r["data_json"] or "{}"),
                    metrics=json.loads(r["metrics_json"] or "{}"), error=r["error"], finished_at=r["finished_at"],
-                   pid=r["pid"])
+                   pid=r["pid"], owner_host=r.get("owner_host"), owner_start=r.get("owner_start"),
+                   heartbeat_at=r.get("heartbeat_at"))
 
 
-def _alive(pid: int | None) -> bool:
+SLUG_MAX = 40           # readable part of a task directory's name; the hash keeps it unique
+STALE_AFTER_S = 600.0   # a training not heard from for this long is presumed wedged (it beats every 30 s)
+HEARTBEAT_S = 30.0
+
+
+def task_dirname(task_key: str) -> str:
+    """The directory name of a task's versions: `<slug of the function name>-<16 hex of
+    sha256(task key)>`. Lowercase [a-z0-9_-] only: no separator, never `.` or `..`, at
+    most 57 characters, and distinct keys (even ones differing only in case or in
+    characters the slug drops) get distinct names on case-insensitive file systems too."""
+    function = task_key.rsplit(":", 1)[0]
+    slug = re.sub(r"[^a-z0-9_]+", "-", function.lower()).strip("-_")[:SLUG_MAX].strip("-_") or "task"
+    digest = hashlib.sha256(task_key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    return f"{slug}-{digest}"
+
+
+_HOST = socket.gethostname()
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+_BOOT = _boot_id()
+
+
+def _proc_start(pid: int | None) -> str | None:
+    """A process's identity beyond its pid (pids are reused): boot id + start time, or
+    None where /proc cannot tell."""
+    if not pid:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f"{_BOOT}:{f.read().rsplit(')', 1)[1].split()[19]}"
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int | None, start: str | None = None) -> bool:
+    """Whether the process is running on this host (a zombie is not; nor is a process
+    that merely reuses the pid of the one that started at `start`)."""
     if not pid:
         return False
     try:
@@ -71,22 +132,44 @@ def _alive(pid: int | None) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass
     try:  # a zombie child is dead for our purposes
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
+            if f.read().rsplit(")", 1)[-1].split()[0] == "Z":
+                return False
     except OSError:
         return True
+    if start is not None:
+        now = _proc_start(pid)
+        return now is None or now == start
+    return True
 
 
-def task_dirname(task_key: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", task_key)
+def _gone(r: dict, now: float, stale_after_s: float) -> str | None:
+    """Why a `training` reservation's owner can no longer finish it, or None if it may."""
+    if r.get("owner_host") in (None, _HOST) and not _alive(r["pid"], r.get("owner_start")):
+        return f"the training process (pid {r['pid']}) ended without finishing"
+    silent = now - (r.get("heartbeat_at") or r["created_at"])
+    if silent > stale_after_s:
+        return (f"the training process (pid {r['pid']} on {r.get('owner_host') or 'this host'}) was not heard "
+                f"from for {silent:.0f} s (> {stale_after_s:.0f} s)")
+    return None
+
+
+def _dicts(cur) -> list[dict]:
+    cols = [c[0] for c in cur.description]
+    return [dict(zip(cols, r)) for r in cur.fetchall()]
 
 
 class Registry:
-    def __init__(self, store: Store, root: str | os.PathLike | None = None):
+    def __init__(self, store: Store, root: str | os.PathLike | None = None, *,
+                 stale_after_s: float = STALE_AFTER_S):
         self.store = store
         self.root = Path(root) if root is not None else store.path.parent / "adapters"
+        self.stale_after_s = stale_after_s
+
+    def task_dir(self, task_key: str) -> Path:
+        return self.root / task_dirname(task_key)
 
     # ------------------------------------------------------------------ reads
     def get(self, adapter_id: str) -> AdapterVersion:
@@ -125,45 +208,89 @@ class Registry:
     # ------------------------------------------------------------------ training lifecycle
     def reserve(self, task_key: str, base: str, *, config: dict | None = None, pid: int | None = None) -> AdapterVersion:
         """Claim the next version number for a training; refused while another training
-        is alive on this store (one training at a time, across processes)."""
-        self.reap()
+        is alive on this store (one training at a time, across processes). A reservation
+        whose owner is gone is reclaimed here first."""
+        pid = pid or os.getpid()
+        path = self.task_dir(task_key)
         with self.store.transaction() as db:
-            busy = db.execute("SELECT adapter_id, pid FROM adapters WHERE status='training'").fetchall()
-            if any(_alive(pid_) for _, pid_ in busy):
-                raise RegistryError(f"a training is already running: {busy[0][0]}")
+            now = time.time()
+            reclaimed = []
+            for r in _dicts(db.execute("SELECT * FROM adapters WHERE status='training'")):
+                why = _gone(r, now, self.stale_after_s)
+                if why is None:
+                    raise RegistryError(f"a training is already running: {r['adapter_id']}")
+                self._fail(db, r, why, now)
+                reclaimed.append(r)
+            # Another task in this directory (a hash collision, or a name from an older layout):
+            # never share, publishing would replace its files.
+            prefix = str(path) + os.sep
+            other = db.execute("SELECT adapter_id FROM adapters WHERE task_key!=? AND substr(path, 1, ?)=? LIMIT 1",
+                               (task_key, len(prefix), prefix)).fetchone()
+            if other:
+                raise RegistryError(f"{path} already holds {other[0]}, another task; not sharing it")
             (last,) = db.execute("SELECT COALESCE(MAX(version), 0) FROM adapters WHERE task_key=?",
                                  (task_key,)).fetchone()
             version = last + 1
             adapter_id = f"{task_key}@v{version}"
             parent = db.execute("SELECT adapter_id FROM deployments WHERE task_key=? AND base=?",
                                 (task_key, base)).fetchone()
-            path = self.root / task_dirname(task_key) / f"v{version}"
             db.execute("INSERT INTO adapters (adapter_id, task_key, version, base, status, created_at, pid, path, "
-                       "parent, config_json) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                       (adapter_id, task_key, version, base, "training", time.time(), pid or os.getpid(), str(path),
-                        parent[0] if parent else None, json.dumps(config or {})))
+                       "parent, config_json, owner_host, owner_start, heartbeat_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                       (adapter_id, task_key, version, base, "training", now, pid, str(path / f"v{version}"),
+                        parent[0] if parent else None, json.dumps(config or {}), _HOST, _proc_start(pid), now))
+        for r in reclaimed:
+            self._remove_staging(r)
         return self.get(adapter_id)
 
-    def claim(self, adapter_id: str, pid: int) -> None:
-        """The training process takes over a reservation made for it."""
+    def claim(self, adapter_id: str, pid: int) -> bool:
+        """The training process takes over a reservation made for it. False if the
+        reservation is no longer in training (it was reclaimed or released)."""
         with self.store.transaction() as db:
-            db.execute("UPDATE adapters SET pid=? WHERE adapter_id=? AND status='training'", (pid, adapter_id))
+            cur = db.execute("UPDATE adapters SET pid=?, owner_host=?, owner_start=?, heartbeat_at=? "
+                             "WHERE adapter_id=? AND status='training'",
+                             (pid, _HOST, _proc_start(pid), time.time(), adapter_id))
+            return cur.rowcount > 0
+
+    def heartbeat(self, adapter_id: str, pid: int | None = None) -> bool:
+        """The training process is alive and working. False if it no longer holds the
+        reservation (reclaimed or released): it should stop."""
+        with self.store.transaction() as db:
+            cur = db.execute("UPDATE adapters SET heartbeat_at=? WHERE adapter_id=? AND status='training' AND pid=?",
+                             (time.time(), adapter_id, pid or os.getpid()))
+            return cur.rowcount > 0
 
     def staging_dir(self, v: AdapterVersion) -> Path:
         d = Path(v.path).with_name(Path(v.path).name + f".tmp{os.getpid()}")
         shutil.rmtree(d, ignore_errors=True)
-        d.mkdir(parents=True)
+        private_dir(d.parent)
+        d.mkdir(mode=0o700)
+        make_private(d)
         return d
 
     def publish(self, v: AdapterVersion, staging: Path, *, data: dict, metrics: dict) -> AdapterVersion:
         """Staged files become the version's immutable directory; then the row says so."""
         final = Path(v.path)
-        if final.exists():  # left by a training that died between rename and commit
+        with self.store.transaction() as db:
+            row = db.execute("SELECT status FROM adapters WHERE adapter_id=?", (v.adapter_id,)).fetchone()
+            other = db.execute("SELECT adapter_id FROM adapters WHERE path=? AND adapter_id!=? LIMIT 1",
+                               (str(final), v.adapter_id)).fetchone()
+        if not row or row[0] != "training":
+            raise RegistryError(f"{v.adapter_id} is {row[0] if row else 'gone'}: its reservation was released")
+        if other:
+            raise RegistryError(f"{final} belongs to {other[0]}; not replacing it")
+        if final.exists():  # left by a training that died between rename and commit: ours, or nobody's
+            try:
+                owner = json.loads((final / "manifest.json").read_text()).get("adapter_id")
+            except (OSError, ValueError, AttributeError):
+                owner = None
+            if owner not in (None, v.adapter_id):
+                raise RegistryError(f"{final} holds {owner}; not replacing it with {v.adapter_id}")
             shutil.rmtree(final)
         manifest = {"adapter_id": v.adapter_id, "task_key": v.task_key, "version": v.version, "base": v.base,
                     "parent": v.parent, "config": v.config, "data": data, "train_metrics": metrics,
                     "created_at": v.created_at}
         (staging / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        make_private(staging)
         _fsync_tree(staging)
         os.replace(staging, final)
         with self.store.transaction() as db:
@@ -171,29 +298,80 @@ class Registry:
                        (json.dumps(data), json.dumps(metrics), v.adapter_id))
         return self.get(v.adapter_id)
 
-    def finish(self, adapter_id: str, status: str, *, metrics: dict | None = None, error: str | None = None) -> None:
+    def finish(self, adapter_id: str, status: str, *, metrics: dict | None = None, error: str | None = None) -> bool:
+        """A training's outcome. Only a reservation still in training changes: one
+        reclaimed or released meanwhile stays as it was (returns False)."""
         if status not in ("passed", "rejected", "failed", "cancelled"):
             raise ValueError(status)
         with self.store.transaction() as db:
             old = db.execute("SELECT metrics_json FROM adapters WHERE adapter_id=?", (adapter_id,)).fetchone()
             merged = {**json.loads((old[0] if old else None) or "{}"), **(metrics or {})}
-            db.execute("UPDATE adapters SET status=?, metrics_json=?, error=?, finished_at=? WHERE adapter_id=?",
-                       (status, json.dumps(merged), error, time.time(), adapter_id))
+            cur = db.execute("UPDATE adapters SET status=?, metrics_json=?, error=?, finished_at=? "
+                             "WHERE adapter_id=? AND status='training'",
+                             (status, json.dumps(merged), error, time.time(), adapter_id))
+            return cur.rowcount > 0
 
-    def reap(self) -> list[str]:
-        """Trainings whose process is gone become `failed`; their staging dirs are removed."""
-        dead = [r for r in self.store.rows("SELECT adapter_id, pid, path FROM adapters WHERE status='training'")
-                if not _alive(r["pid"])]
-        for r in dead:
+    def reap(self, stale_after_s: float | None = None) -> list[str]:
+        """Reservations whose owner is gone (its process dead, or silent for
+        `stale_after_s`) become `failed`; their staging dirs are removed."""
+        stale = self.stale_after_s if stale_after_s is None else stale_after_s
+        now = time.time()
+        gone = [(r, why) for r in self.store.rows("SELECT * FROM adapters WHERE status='training'")
+                if (why := _gone(r, now, stale))]
+        reaped = []
+        for r, why in gone:
             with self.store.transaction() as db:
-                db.execute("UPDATE adapters SET status='failed', error=COALESCE(error, ?), finished_at=? "
-                           "WHERE adapter_id=? AND status='training'",
-                           ("the training process ended without finishing", time.time(), r["adapter_id"]))
-            if r["path"]:
-                p = Path(r["path"])
-                for tmp in p.parent.glob(p.name + ".tmp*"):
-                    shutil.rmtree(tmp, ignore_errors=True)
-        return [r["adapter_id"] for r in dead]
+                if not self._fail(db, r, why, now):
+                    continue  # claimed or renewed meanwhile: its owner is back
+            self._remove_staging(r)
+            reaped.append(r["adapter_id"])
+        return reaped
+
+    def release(self, adapter_id: str | None = None, *, force: bool = False) -> str:
+        """Clear a `training` reservation by hand (the one in progress if no id is given).
+        One whose owner is gone is marked failed; a live owner's only with `force`, and
+        its process, if on this host, is asked to stop (SIGTERM: it cancels cleanly)."""
+        rows = self.store.rows("SELECT * FROM adapters WHERE status='training'" +
+                               (" AND adapter_id=?" if adapter_id else " ORDER BY created_at LIMIT 1"),
+                               (adapter_id,) if adapter_id else ())
+        if not rows:
+            if adapter_id:
+                raise RegistryError(f"{adapter_id} is {self.get(adapter_id).status}, not training")
+            raise RegistryError("no training is reserved on this store")
+        r = rows[0]
+        now = time.time()
+        why = _gone(r, now, self.stale_after_s)
+        if why is None:
+            if not force:
+                raise RegistryError(f"{r['adapter_id']} is held by a live process (pid {r['pid']} on "
+                                    f"{r.get('owner_host') or 'this host'}); release it with --force")
+            if r.get("owner_host") in (None, _HOST) and _alive(r["pid"], r.get("owner_start")) \
+                    and r["pid"] != os.getpid():
+                try:
+                    os.kill(r["pid"], signal.SIGTERM)
+                except OSError:
+                    pass
+            why = "released by hand while its process was alive"
+        with self.store.transaction() as db:
+            if not self._fail(db, r, why, now):
+                raise RegistryError(f"{r['adapter_id']} changed meanwhile; try again")
+        self._remove_staging(r)
+        return r["adapter_id"]
+
+    @staticmethod
+    def _fail(db, r: dict, why: str, now: float) -> bool:
+        """Mark a reservation failed if it is still as `r` saw it (owner and heartbeat unchanged)."""
+        cur = db.execute("UPDATE adapters SET status='failed', error=COALESCE(error, ?), finished_at=? "
+                         "WHERE adapter_id=? AND status='training' AND pid IS ? AND heartbeat_at IS ?",
+                         (why, now, r["adapter_id"], r["pid"], r.get("heartbeat_at")))
+        return cur.rowcount > 0
+
+    @staticmethod
+    def _remove_staging(r: dict) -> None:
+        if r.get("path"):
+            p = Path(r["path"])
+            for tmp in p.parent.glob(p.name + ".tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
 
     # ------------------------------------------------------------------ deploy pointer
     def promote(self, adapter_id: str, *, expect: str | None | bool = False, note: str = "") -> bool:

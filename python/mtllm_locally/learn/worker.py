@@ -8,7 +8,10 @@
 The version was reserved in the registry by whoever started us (the loop or the
 CLI); everything this process writes is either in a staging directory or committed
 in one transaction, so killing it at any point leaves the registry consistent and
-the last good version serving. SIGTERM cancels cleanly.
+the last good version serving. SIGTERM cancels cleanly. While it works it renews its
+reservation's heartbeat; if the reservation is taken from it (reclaimed as stale, or
+released by hand) it stops. Its umask is 077: whatever a library writes for it
+(checkpoints, adapters) is its owner's only.
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from pathlib import Path
 
 from .dataset import snapshot, split, task_examples
 from .policy import TaskPolicy
-from .registry import AdapterVersion, Registry
-from .store import Store
+from .registry import HEARTBEAT_S, AdapterVersion, Registry, RegistryError
+from .store import Store, make_private, private_dir, private_open
 
 
 def loop_train_config(policy: TaskPolicy):
@@ -43,14 +46,19 @@ def run_job(store: Store, adapter_id: str, *, progress: bool = False, log=print)
     from .trainer import TrainingCancelled, train
 
     registry = Registry(store)
-    registry.claim(adapter_id, os.getpid())
-    v = registry.get(adapter_id)
-    policy = TaskPolicy(**v.config["policy"])
-    model_path = v.config["model_path"]
+    if not registry.claim(adapter_id, os.getpid()):
+        raise RegistryError(f"{adapter_id} is {registry.get(adapter_id).status}, not reserved for training")
     cancel = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: cancel.set())
-    staging = None
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: cancel.set())
+    done = threading.Event()
+    threading.Thread(target=_heartbeat, args=(registry, adapter_id, cancel, done), name="mtllm-heartbeat",
+                     daemon=True).start()
+    staging = checkpoint_dir = None
     try:
+        v = registry.get(adapter_id)
+        policy = TaskPolicy(**v.config["policy"])
+        model_path = v.config["model_path"]
         examples = task_examples(store, v.task_key, heldout_percent=policy.heldout_percent,
                                  train_on=policy.train_on, until=v.created_at)
         train_set, heldout = split(examples)
@@ -59,15 +67,16 @@ def run_job(store: Store, adapter_id: str, *, progress: bool = False, log=print)
         log(f"{adapter_id}: training on {len(train_set)} examples ({len(heldout)} held out), "
             f">= {cfg.min_steps} steps, {policy.threads or 'all'} thread(s)")
         staging = registry.staging_dir(v)
-        with open(staging / "data.jsonl", "w") as f:
+        with private_open(staging / "data.jsonl", "w") as f:
             for e in examples:
                 f.write(json.dumps({"invocation_id": e.invocation_id, "heldout": e.heldout, "label": e.label,
                                     **e.as_training()}) + "\n")
         t0 = time.perf_counter()
         # One checkpoint per task: a training of the same data killed or cancelled earlier
         # (a retried `mtllm-locally train`) resumes where it stopped.
+        checkpoint_dir = private_dir(Path(v.path).parent / "checkpoint")
         res = train(model_path, [e.as_training() for e in train_set], cfg, staging, cancel=cancel,
-                    progress=progress, name="adapter", checkpoint_dir=Path(v.path).parent / "checkpoint")
+                    progress=progress, name="adapter", checkpoint_dir=checkpoint_dir)
         if res.resumed_from:
             log(f"{adapter_id}: resumed from a checkpoint at step {res.resumed_from}")
         os.replace(res.peft_dir, staging / "peft")
@@ -107,8 +116,23 @@ def run_job(store: Store, adapter_id: str, *, progress: bool = False, log=print)
         registry.finish(adapter_id, "failed", error=f"{type(e).__name__}: {e}")
         raise
     finally:
+        done.set()
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+        if checkpoint_dir is not None:
+            make_private(checkpoint_dir)  # a checkpoint kept for a retry, written under the caller's umask
+
+
+def _heartbeat(registry: Registry, adapter_id: str, cancel: threading.Event, done: threading.Event) -> None:
+    """Renew the reservation while the job runs; stop the job if it was taken away."""
+    while not done.wait(HEARTBEAT_S):
+        try:
+            if not registry.heartbeat(adapter_id):
+                print(f"{adapter_id}: the reservation was released or reclaimed; stopping", flush=True)
+                cancel.set()
+                return
+        except Exception as e:  # a busy store now and then is no reason to stop training
+            print(f"{adapter_id}: heartbeat failed: {type(e).__name__}: {e}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -117,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--adapter-id", required=True)
     ap.add_argument("--progress", action="store_true")
     args = ap.parse_args(argv)
+    os.umask(0o077)  # this process only writes the user's private data
     try:
         os.nice(10)  # serving first
     except OSError:
