@@ -27,6 +27,8 @@ public:
         pthread_attr_setstacksize(&attr, stack_bytes);
         int rc = pthread_create(&thread_, &attr, &BigStackThread::trampoline, this);
         pthread_attr_destroy(&attr);
+        // Where the address space is capped (ulimit -v), a default stack beats no thread.
+        if (rc != 0) rc = pthread_create(&thread_, nullptr, &BigStackThread::trampoline, this);
         if (rc != 0) throw std::runtime_error("cannot start a thread (pthread_create failed)");
         running_ = true;
     }

@@ -87,6 +87,8 @@ PYBIND11_MODULE(_engine, m) {
        "Forward llama.cpp log lines (level, text) to `sink`; None silences them (default).");
     m.def("last_log_errors", &log_last_errors);
     m.def("system_info", [] { return std::string(llama_print_system_info()); });
+    m.def("llama_version", [] { const char* v = llama_version(); return std::string(v ? v : ""); },
+          "The linked llama.cpp's version string (build number and commit).");
     m.def("cpu_extra_buffer_types_available", &cpu_extra_buffer_types_available,
           "Extra CPU weight buffer types (AMX, CPU_REPACK, ...) this llama.cpp build offers on this CPU.");
     m.def("cpu_extra_buffer_types_enabled", &cpu_extra_buffer_types_enabled,
@@ -211,10 +213,10 @@ PYBIND11_MODULE(_engine, m) {
              })
         .def("logits", [](Request& r) {
                  std::lock_guard<std::mutex> lock(r.mu);
-                 size_t rows = r.prompt.size();
-                 size_t n_vocab = rows ? r.logits.size() / rows : 0;
-                 py::array_t<float> a({rows, n_vocab});
-                 if (!r.logits.empty()) std::memcpy(a.mutable_data(), r.logits.data(), r.logits.size() * sizeof(float));
+                 size_t width = size_t(r.n_vocab > 0 ? r.n_vocab : 1);
+                 size_t rows = r.logits.size() / width;  // rows computed so far (whole rows only)
+                 py::array_t<float> a({rows, width});
+                 if (rows) std::memcpy(a.mutable_data(), r.logits.data(), rows * width * sizeof(float));
                  return a;
              });
 
@@ -235,8 +237,13 @@ PYBIND11_MODULE(_engine, m) {
         .def("set_threads", &Engine::set_threads, py::arg("n"))
         .def_property_readonly("threads", &Engine::threads)
         .def("adapters", [](const Engine& e) {
+                 std::vector<AdapterInfo> list;
+                 {
+                     py::gil_scoped_release release;  // the engine's lock is never waited for with the GIL held
+                     list = e.adapters();
+                 }
                  py::list out;
-                 for (const auto& a : e.adapters()) out.append(py::make_tuple(a.id, a.path));
+                 for (const auto& a : list) out.append(py::make_tuple(a.id, a.path));
                  return out;
              })
         .def("stats", [](const Engine& e) {

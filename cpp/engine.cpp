@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#include <future>
 #include <sstream>
 #include <thread>
 
@@ -57,6 +58,9 @@ Engine::Engine(std::shared_ptr<Model> model, const EngineParams& params)
     configured_threads_ = threads;
     applied_threads_.store(threads);
     cp.kv_unified = true;  // required by seq_cp prefix sharing, and one sequence may use all of n_ctx
+    // Sliding-window layers (Gemma 3, ...) otherwise drop cells that left the window,
+    // and a reused prefix would then attend to cells that are gone.
+    cp.swa_full = true;
     cp.no_perf = true;
     cp.flash_attn_type = params_.flash_attn < 0 ? LLAMA_FLASH_ATTN_TYPE_AUTO
                          : params_.flash_attn == 0 ? LLAMA_FLASH_ATTN_TYPE_DISABLED : LLAMA_FLASH_ATTN_TYPE_ENABLED;
@@ -91,7 +95,10 @@ void Engine::close() {
         if (worker_.joinable()) worker_.join();
         return;
     }
-    stop_ = true;
+    {
+        std::lock_guard<std::mutex> lock(mu_);  // under the lock, or the wake-up can be lost
+        stop_ = true;
+    }
     cv_.notify_all();
     if (worker_.joinable()) worker_.join();
     ready_cv_.notify_all();  // wake the asyncio pump so it can exit
@@ -145,6 +152,7 @@ std::shared_ptr<Request> Engine::submit(std::vector<llama_token> prompt, const S
     r->stream = std::make_unique<TextStream>(params.stop);
     r->t_submit_us = now_us();
     r->stats.prompt_tokens = int(r->prompt.size());
+    r->n_vocab = n_vocab;
     if (!constraint_kind.empty()) {
         std::shared_ptr<GuidanceTokenizer> tok;
         {
@@ -192,17 +200,26 @@ std::vector<uint64_t> Engine::wait_ready(int timeout_ms) {
 }
 
 uint64_t Engine::load_adapter(const std::string& path) {
-    std::lock_guard<std::mutex> lock(mu_);
-    if (closed_) throw EngineClosedError("engine is closed");
-    log_clear_errors();
-    llama_adapter_lora* a = llama_adapter_lora_init(model_->get(), path.c_str());
-    if (!a) {
-        std::string why = log_last_errors();
-        throw AdapterLoadError("cannot load LoRA adapter '" + path + "'" + (why.empty() ? "" : ": " + why));
+    auto task = std::make_shared<std::packaged_task<uint64_t()>>([this, path] {
+        log_clear_errors();
+        llama_adapter_lora* a = llama_adapter_lora_init(model_->get(), path.c_str());
+        if (!a) {
+            std::string why = log_last_errors();
+            throw AdapterLoadError("cannot load LoRA adapter '" + path + "'" + (why.empty() ? "" : ": " + why));
+        }
+        std::lock_guard<std::mutex> lock(mu_);
+        uint64_t id = next_adapter_id_++;
+        adapters_[id] = LoadedAdapter{a, path, 0, false};
+        return id;
+    });
+    std::future<uint64_t> done = task->get_future();
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (closed_ || stop_) throw EngineClosedError("engine is closed");
+        tasks_.push_back([task] { (*task)(); });
     }
-    uint64_t id = next_adapter_id_++;
-    adapters_[id] = LoadedAdapter{a, path, 0, false};
-    return id;
+    cv_.notify_one();
+    return done.get();  // the scheduler thread runs every queued task before it exits
 }
 
 void Engine::unload_adapter(uint64_t id) {
@@ -410,6 +427,10 @@ bool Engine::handle_no_kv_slot(const StepPlan& plan) {
         victim->seq = -1;
         victim->n_computed = 0;
         victim->stats.preemptions++;
+        {
+            std::lock_guard<std::mutex> lock(victim->mu);
+            victim->logits.clear();  // recomputed from the first prompt token
+        }
         waiting_.push_front(victim);
         kv_pressure_ = true;
         {
@@ -481,6 +502,7 @@ void Engine::update(const StepPlan& plan) {
         try {
             kv_->on_computed(r->seq, r->tokens.data() + s.start, s.n_tokens);
             if (r->params.logits_all) {
+                std::lock_guard<std::mutex> lock(r->mu);  // the caller may be reading them
                 for (int i = 0; i < s.n_tokens; ++i) {
                     if (s.start + i >= int(r->prompt.size())) break;
                     const float* row = llama_get_logits_ith(ctx_, batch_index - s.n_tokens + i);
@@ -521,41 +543,68 @@ void Engine::loop() {
 
 void Engine::recover(const char* what) {
     // A step failed outside any one request: the running requests' KV and samplers
-    // are in an unknown state, so they fail; waiting requests are untouched.
-    try {
-        {
-            std::lock_guard<std::mutex> lock(stats_mu_);
-            stats_.internal_errors++;
+    // are in an unknown state, so they fail; waiting requests are untouched. A fault
+    // that repeats step after step would spin: after a few, the engine stops.
+    {
+        std::lock_guard<std::mutex> lock(stats_mu_);
+        stats_.internal_errors++;
+    }
+    const std::string msg = std::string("internal error in the engine: ") + what;
+    for (auto& r : running_) {
+        try {
+            if (r->seq >= 0) finish(r.get(), "error", "EngineError", msg);
+        } catch (...) {
+            // finish() itself failed: still never leave the caller waiting.
+            std::lock_guard<std::mutex> lock(r->mu);
+            r->finish_reason = "error";
+            r->error_kind = "EngineError";
+            r->error_message = msg;
+            r->done = true;
+            r->cv.notify_all();
         }
-        for (auto& r : running_)
-            if (r->seq >= 0) finish(r.get(), "error", "EngineError", std::string("internal error in the engine: ") + what);
-        running_.clear();
-        kv_pressure_ = false;
-    } catch (...) {
-        running_.clear();
+    }
+    running_.clear();
+    kv_pressure_ = false;
+    if (++failed_steps_ >= 8) {
+        {
+            std::lock_guard<std::mutex> lock(mu_);
+            broken_ = msg;
+        }
+        try {
+            fail_all("EngineError", msg);
+        } catch (...) {
+        }
     }
 }
 
 bool Engine::step() {
+    std::deque<std::function<void()>> tasks;
+    std::vector<llama_adapter_lora*> to_free;
     {
         std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [&] { return stop_ || !incoming_.empty() || !running_.empty() || !waiting_.empty(); });
+        cv_.wait(lock, [&] {
+            return stop_ || !incoming_.empty() || !running_.empty() || !waiting_.empty() || !tasks_.empty();
+        });
         while (!incoming_.empty()) {
             waiting_.push_back(std::move(incoming_.front()));
             incoming_.pop_front();
         }
-        // Free adapters whose unload was requested once nothing uses them.
+        tasks.swap(tasks_);
+        // Adapters whose unload was requested are freed once nothing uses them.
         for (auto it = adapters_.begin(); it != adapters_.end();) {
             if (it->second.unload_pending && it->second.users == 0) {
-                // Never free an adapter still set on the context.
-                llama_set_adapters_lora(ctx_, nullptr, 0, nullptr);
-                current_adapter_key_.clear();
-                llama_adapter_lora_free(it->second.ptr);
+                to_free.push_back(it->second.ptr);
                 it = adapters_.erase(it);
             } else {
                 ++it;
             }
         }
+    }
+    for (auto& task : tasks) task();  // a packaged_task: its exception goes to its caller
+    if (!to_free.empty()) {
+        llama_set_adapters_lora(ctx_, nullptr, 0, nullptr);  // never free an adapter set on the context
+        current_adapter_key_.clear();
+        for (auto* a : to_free) llama_adapter_lora_free(a);
     }
     if (stop_) {
         fail_all("EngineClosedError", "engine closed before the request finished");
@@ -594,6 +643,7 @@ bool Engine::step() {
 
     int ret = execute(plan);
     if (ret == 0) {
+        failed_steps_ = 0;
         update(plan);
     } else if (ret == 1) {
         if (!handle_no_kv_slot(plan)) {

@@ -7,6 +7,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -128,6 +129,9 @@ private:
     mutable std::mutex mu_;
     std::condition_variable cv_;
     std::deque<std::shared_ptr<Request>> incoming_;
+    // Work that touches the model's adapter list (load) runs on the scheduler thread,
+    // between decodes: llama.cpp reads that list while it builds a decode graph.
+    std::deque<std::function<void()>> tasks_;
     size_t n_waiting_shared_ = 0;   // incoming + waiting, for overload checks
     std::atomic<bool> stop_{false};
     std::atomic<bool> closed_{false};
@@ -142,6 +146,7 @@ private:
     // admitted, so a preempted request cannot be re-admitted into the same full
     // cache step after step (a livelock in which no request ever finished).
     bool kv_pressure_ = false;
+    int failed_steps_ = 0;  // consecutive steps that ended in recover(); too many stop the engine
 
     // adapters (loaded under mu_; used by the scheduler thread)
     struct LoadedAdapter {

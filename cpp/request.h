@@ -82,7 +82,8 @@ struct Request {
     std::string finish_reason;       // "stop", "length", "cancelled", "error"
     std::string error_kind, error_message;
     RequestStats stats;
-    std::vector<float> logits;       // logits_all: prompt_tokens x n_vocab
+    std::vector<float> logits;       // logits_all: prompt_tokens x n_vocab, whole rows only
+    int n_vocab = 0;                 // width of a logits row
     std::atomic<bool> cancel_requested{false};
 
     ~Request() {

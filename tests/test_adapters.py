@@ -201,10 +201,10 @@ def test_bad_adapters_raise_clear_errors(model, tmp_path):
     cases = {
         "missing": (tmp_path / "missing.gguf", "not found"),
         "garbage": (tmp_path / "garbage.gguf", "not a GGUF"),
-        "other_arch": (tmp_path / "qwen.gguf", "cannot load LoRA"),
+        "other_arch": (tmp_path / "qwen.gguf", "made for architecture 'qwen2'"),
         "wrong_shape": (tmp_path / "shape.gguf", "cannot load LoRA"),
         "unknown_tensor": (tmp_path / "unknown.gguf", "cannot load LoRA"),
-        "a_model_not_an_adapter": (model["base"], "cannot load LoRA"),
+        "a_model_not_an_adapter": (model["base"], "not a LoRA adapter"),
     }
     (tmp_path / "garbage.gguf").write_bytes(b"\x00" * 1000)
     _write(tmp_path / "qwen.gguf", arch="qwen2",

@@ -1,5 +1,12 @@
 """mtllm_locally: run Jaclang's `by llm()` in-process on a local GGUF model."""
 
+import os as _os
+
+# No network: LiteLLM fetches its model cost map at import unless this is "True". The wheel's
+# mtllm_locally-offline.pth sets it when the interpreter starts (so it holds even if litellm is
+# imported first); this covers interpreters that skip .pth files (python -S, a source checkout).
+_os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+
 from .errors import (
     AdapterLoadError,
     ContextOverflowError,

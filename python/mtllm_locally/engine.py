@@ -20,8 +20,8 @@ import weakref
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
 
-from . import _engine, constraints, models
-from .chat import ChatTemplate
+from . import _engine, constraints, cpu_backend, models, vetting  # cpu_backend: AMX off before any load
+from .chat import ChatTemplate, PromptEncoder, read_template_source
 from .errors import (
     AdapterLoadError,
     ModelLoadError,
@@ -36,6 +36,7 @@ log = logging.getLogger("mtllm_locally")
 _ERRORS = {c.__name__: c for c in (ContextOverflowError, EngineClosedError, EngineError, InvalidRequestError)}
 
 Message = Mapping[str, Any]
+LIMITS = dict(_engine.limits)  # the native engine's own limits, checked here first
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,11 @@ class SamplingParams:
             stop = ()
         if not all(isinstance(s, str) for s in stop):
             bad("stop", "must be a string or a sequence of strings")
+        if len(stop) > LIMITS["max_stops"] or any(len(s.encode("utf-8", "surrogatepass")) > LIMITS["max_stop_bytes"] for s in stop):
+            bad("stop", f"at most {LIMITS['max_stops']} strings of at most {LIMITS['max_stop_bytes']} bytes")
+        for name in ("max_tokens", "top_k", "repeat_last_n"):
+            if getattr(self, name) > 2**31 - 1:
+                bad(name, "must fit in 32 bits")
         object.__setattr__(self, "stop", tuple(s for s in stop if s))
 
     def to_native(self, logits_all: bool = False) -> "_engine.SamplingParams":
@@ -281,14 +287,22 @@ class Engine:
         config = replace(config or EngineConfig(), **overrides) if overrides else (config or EngineConfig())
         self.config = config
         path = models.resolve(model, fast_default=config.fast_default)
+        flash = -1 if config.flash_attn is None else int(config.flash_attn)
+        self._vet_settings = dict(n_gpu_layers=config.n_gpu_layers, flash_attn=flash, kv_f32=config.kv_f32,
+                                  use_mmap=config.use_mmap)
+        vetting.vet_model(str(path), **self._vet_settings)
         mp = _engine.ModelParams()
         mp.n_gpu_layers = config.n_gpu_layers
         mp.use_mmap = config.use_mmap
         self._model = _engine.Model(str(path), mp)
+        template_source = read_template_source(self._model)  # before the native engine: a bad template leaks nothing
+        self.chat_template = ChatTemplate(template_source, bos_token=self._piece(self._model.bos),
+                                          eos_token=self._piece(self._model.eos))
+        self._prompt_encoder = PromptEncoder.for_model(self._model, self.chat_template)
         ep = _engine.EngineParams()
         for name in ("n_ctx", "n_batch", "max_running", "cache_sequences", "max_queued", "n_threads", "prefix_reuse", "kv_f32"):
             setattr(ep, name, getattr(config, name))
-        ep.flash_attn = -1 if config.flash_attn is None else int(config.flash_attn)
+        ep.flash_attn = flash
         self._native = _engine.Engine(self._model, ep)
         self._pump: _AsyncPump | None = None
         self._guidance_set = False
@@ -297,10 +311,8 @@ class Engine:
         self.info = ModelInfo(
             path=str(path), architecture=m.meta("general.architecture"), name=m.meta("general.name"),
             description=m.description, n_ctx_train=m.n_ctx_train, n_vocab=m.n_vocab, n_embd=m.n_embd,
-            n_layer=m.n_layer, n_params=m.n_params, size_bytes=m.size_bytes, chat_template=m.chat_template,
-            bos_token=self._piece(m.bos), eos_token=self._piece(m.eos))
-        self.chat_template = ChatTemplate(self.info.chat_template, bos_token=self.info.bos_token,
-                                          eos_token=self.info.eos_token)
+            n_layer=m.n_layer, n_params=m.n_params, size_bytes=m.size_bytes, chat_template=template_source or "",
+            bos_token=self.chat_template.bos_token, eos_token=self.chat_template.eos_token)
         weakref.finalize(self, _native_close, self._native)
         _LIVE_ENGINES.add(self)
 
@@ -326,12 +338,9 @@ class Engine:
 
     def encode_chat(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
                     tools: list[dict] | None = None, **extra) -> list[int]:
-        """Messages -> prompt token ids, exactly as served (and as trained on)."""
-        text = self.render(messages, add_generation_prompt=add_generation_prompt, tools=tools, **extra)
-        # The template writes special tokens as text; BOS is added only if the model
-        # wants it and the template did not already write it.
-        add_bos = self._model.add_bos and not (self.info.bos_token and text.startswith(self.info.bos_token))
-        return self._model.tokenize(text, add_bos, True)
+        """Messages -> prompt token ids, exactly as served (and as trained on): the template's
+        markup becomes special tokens, special-token text inside messages stays text (chat.PromptEncoder)."""
+        return self._prompt_encoder.encode(messages, add_generation_prompt=add_generation_prompt, tools=tools, **extra)
 
     # ---------------------------------------------------------------- requests
     def _prompt_ids(self, prompt, messages, tools) -> list[int]:
@@ -367,8 +376,7 @@ class Engine:
         if kind and not self._guidance_set:
             self._native.set_guidance_library(constraints.guidance_library())
             self._guidance_set = True
-        native = self._native.submit(ids, sampling.to_native(logits_all), [(int(a), float(s)) for a, s in adapters],
-                                     _notify, kind, data)
+        native = self._native.submit(ids, sampling.to_native(logits_all), _adapter_set(adapters), _notify, kind, data)
         return Request(native, self)
 
     def generate(self, prompt=None, **kw) -> Completion:
@@ -432,6 +440,10 @@ class Engine:
             p = models.check_gguf(path)
         except ModelLoadError as e:
             raise AdapterLoadError(str(e).replace("model file", "adapter file")) from None
+        if self.closed:
+            raise EngineClosedError("engine is closed")
+        vetting.check_adapter_file(str(p), self.info.architecture)
+        vetting.vet_adapter(self.info.path, str(p), **self._vet_settings)
         return self._native.load_adapter(str(p))
 
     def unload_adapter(self, adapter_id: int) -> None:
@@ -474,6 +486,21 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _adapter_set(adapters) -> list[tuple[int, float]]:
+    out = []
+    try:
+        pairs = [(a, s) for a, s in adapters]
+    except (TypeError, ValueError):
+        raise InvalidRequestError("adapters must be a sequence of (adapter id, scale) pairs") from None
+    for a, s in pairs:
+        if not isinstance(a, int) or isinstance(a, bool) or not 0 <= a < 2**63:
+            raise InvalidRequestError(f"adapter id {a!r} is not an id from load_adapter()")
+        if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s) or abs(s) > LIMITS["max_adapter_scale"]:
+            raise InvalidRequestError(f"adapter scale {s!r} must be a finite number within ±{LIMITS['max_adapter_scale']:g}")
+        out.append((a, float(s)))
+    return out
 
 
 def _native_close(native) -> None:

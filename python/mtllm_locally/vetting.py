@@ -59,8 +59,19 @@ def file_digest(path: str | os.PathLike) -> str:
 def _runtime_tag(settings: dict) -> str:
     from . import _engine
 
-    return json.dumps({"v": VERDICT_VERSION, "engine": _engine.__version__, "llama": _engine.system_info(),
+    return json.dumps({"v": VERDICT_VERSION, "engine": _engine.__version__, "llama": _engine.llama_version(),
+                       "cpu": _engine.system_info(), "libs": _linked_libraries(),
                        "bufts": _engine.cpu_extra_buffer_types_enabled(), **settings}, sort_keys=True)
+
+
+def _linked_libraries() -> list:
+    """llama.cpp's libraries as loaded (path, size, mtime): a rebuilt llama.cpp is new code."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = sorted({line.split()[-1] for line in f if "libllama" in line or "libggml" in line})
+        return [[p, os.stat(p).st_size, os.stat(p).st_mtime_ns] for p in paths if p.startswith("/")]
+    except OSError:
+        return []
 
 
 def _timeout_s(*paths: str) -> float:
@@ -68,15 +79,18 @@ def _timeout_s(*paths: str) -> float:
     return 60.0 + 30.0 * size_gb
 
 
-def vet_model(path: str, *, n_gpu_layers: int = 0, flash_attn: int = 0, kv_f32: bool = False) -> None:
+def vet_model(path: str, *, n_gpu_layers: int = 0, flash_attn: int = 0, kv_f32: bool = False,
+              use_mmap: bool = True) -> None:
     """Raise ModelLoadError if loading and decoding `path` crashes llama.cpp."""
-    _vet(ModelLoadError, path, None, dict(n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, kv_f32=kv_f32))
+    _vet(ModelLoadError, path, None, dict(n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, kv_f32=kv_f32,
+                                          use_mmap=use_mmap))
 
 
 def vet_adapter(model_path: str, adapter_path: str, *, n_gpu_layers: int = 0, flash_attn: int = 0,
-                kv_f32: bool = False) -> None:
+                kv_f32: bool = False, use_mmap: bool = True) -> None:
     """Raise AdapterLoadError if loading `adapter_path` onto the model and decoding with it crashes."""
-    _vet(AdapterLoadError, model_path, adapter_path, dict(n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, kv_f32=kv_f32))
+    _vet(AdapterLoadError, model_path, adapter_path, dict(n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
+                                                          kv_f32=kv_f32, use_mmap=use_mmap))
 
 
 def _vet(error: type, model_path: str, adapter_path: str | None, settings: dict) -> None:
@@ -93,7 +107,7 @@ def _vet(error: type, model_path: str, adapter_path: str | None, settings: dict)
         verdict = None
     if verdict is None:
         verdict = _run_child(model_path, adapter_path, settings)
-        if verdict.get("cache", True):
+        if verdict.get("cache"):
             _write_private(record, json.dumps(verdict).encode())
     if not verdict.get("ok"):
         raise error(f"'{subject}' was rejected: {verdict.get('why', 'unknown reason')}")
@@ -155,32 +169,48 @@ def check_adapter_file(path: str, architecture: str) -> None:
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    """Atomic, owner-only: verdicts name the user's files."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    """Atomic, owner-only (verdicts name the user's files); a cache we cannot write is
+    only a cache: the next engine vets again."""
+    import tempfile
+
     try:
-        os.write(fd, data)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def _run_child(model_path: str, adapter_path: str | None, settings: dict) -> dict:
     args = json.dumps({"model": model_path, "adapter": adapter_path, **settings})
     # GGML_NO_BACKTRACE: on abort, ggml would otherwise attach gdb to print a backtrace.
-    env = dict(os.environ, MTLLM_LOCALLY_VET="0", GGML_NO_BACKTRACE="1")
+    # PYTHONPATH: the child imports this very package, wherever it was imported from.
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ, MTLLM_LOCALLY_VET="0", GGML_NO_BACKTRACE="1",
+               PYTHONPATH=os.pathsep.join([package_root, *filter(None, [os.environ.get("PYTHONPATH")])]))
     try:
         proc = subprocess.run([sys.executable, "-m", "mtllm_locally.vetting", args], env=env, capture_output=True,
                               timeout=_timeout_s(model_path, *([adapter_path] if adapter_path else [])))
     except subprocess.TimeoutExpired:
         # Not cached: a slow disk is not a verdict on the file.
         return {"ok": False, "cache": False, "why": "llama.cpp did not finish loading it in a child process in time"}
-    if proc.returncode == 0:
+    out = proc.stdout.decode("utf-8", "replace")
+    if proc.returncode == 0 and DONE in out:
+        return {"ok": True, "cache": True}
+    if proc.returncode == 0 and CLEAN in out:
+        # llama.cpp refused it with an error of its own: the same error comes back
+        # in-process, and nothing is cached (the engine's settings may differ).
         return {"ok": True}
     lines = [ln.strip() for ln in proc.stderr.decode("utf-8", "replace").splitlines() if ln.strip()]
     telling = [ln for ln in lines if any(w in ln for w in ("GGML_ASSERT", "GGML_ABORT", "error", "terminate"))]
     tail = re.sub(r"\S*/(?=[^/\s]+:\d+:)", "", " | ".join((telling or lines)[-3:]))  # file:line, no build paths
+    # Only what the file did to llama.cpp is remembered; a child killed for memory or
+    # failing to start says nothing about the file and is tried again next time.
+    crash = -proc.returncode in (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGILL)
     if proc.returncode < 0:
         try:
             how = signal.Signals(-proc.returncode).name
@@ -189,39 +219,44 @@ def _run_child(model_path: str, adapter_path: str | None, settings: dict) -> dic
         why = f"llama.cpp crashed ({how}) loading or running it in a child process"
     else:
         why = f"the vetting process failed with exit code {proc.returncode}"
-    return {"ok": False, "why": why + (f": {tail[-600:]}" if tail else "")}
+    return {"ok": False, "cache": crash, "why": why + (f": {tail[-600:]}" if tail else "")}
+
+
+DONE, CLEAN = "mtllm-vetting: decoded", "mtllm-vetting: refused cleanly"
 
 
 def _child(spec: dict) -> int:
-    """Load the model (and adapter), decode a few tokens in a batch of two; any
-    clean error is fine here: the same error will come back in the parent."""
+    """Load the model (and adapter) as the engine does, then decode what serving does:
+    a batch of two prompts, one of them a 130-token prefill, then a prompt that reuses
+    a cached prefix. A clean error from llama.cpp is reported as such."""
     from . import _engine
     from .errors import MtllmError
 
     try:
         mp = _engine.ModelParams()
         mp.n_gpu_layers = spec["n_gpu_layers"]
+        mp.use_mmap = spec["use_mmap"]
         model = _engine.Model(spec["model"], mp)
         ep = _engine.EngineParams()
-        ep.n_ctx = max(16, min(model.n_ctx_train, 128)) if model.n_ctx_train > 0 else 0
-        ep.n_batch, ep.max_running, ep.cache_sequences = 32, 2, 0
+        ep.n_ctx, ep.n_batch, ep.max_running, ep.cache_sequences = 256, 128, 2, 1
         ep.flash_attn, ep.kv_f32 = spec["flash_attn"], spec["kv_f32"]
         engine = _engine.Engine(model, ep)
-        adapters = []
-        if spec["adapter"]:
-            adapters = [(engine.load_adapter(spec["adapter"]), 1.0)]
-        ids = model.tokenize("The quick brown fox jumps over the lazy dog.", True, False)[:12]
-        if len(ids) < 2:
-            ids = [i % max(1, model.n_vocab) for i in range(8)]
+        adapters = [(engine.load_adapter(spec["adapter"]), 1.0)] if spec["adapter"] else []
+        text = model.tokenize("The quick brown fox jumps over the lazy dog. " * 20, True, False)
+        ids = (text if len(text) >= 8 else [i % max(1, model.n_vocab) for i in range(8)]) * 130
+        long, short = ids[:130], ids[:9]
         sp = _engine.SamplingParams()
         sp.max_tokens, sp.ignore_eos = 3, True
-        reqs = [engine.submit(ids, sp, adapters), engine.submit(ids[: len(ids) // 2 + 1], sp, adapters)]
-        for r in reqs:
-            while not r.take(-1)[2]:
-                pass
+        for batch in ([long, short], [long[:40] + short]):
+            reqs = [engine.submit(p, sp, adapters) for p in batch]
+            for r in reqs:
+                while not r.take(-1)[2]:
+                    pass
         engine.close()
-    except MtllmError:
-        pass
+    except MtllmError as e:
+        print(CLEAN, type(e).__name__, flush=True)
+        return 0
+    print(DONE, flush=True)
     return 0
 
 

@@ -2,7 +2,7 @@ import argparse
 import json
 import sys
 
-from . import adapters, inference
+from . import adapters, amx, inference
 
 
 def _jac(**kw):
@@ -23,7 +23,14 @@ def _loop(**kw):
     return loop.run(**kw)
 
 
-SECTIONS = {"inference": inference.run, "adapters": adapters.run, "jac": _jac, "train": _train, "loop": _loop}
+def _robustness(**kw):
+    from . import robustness  # runs the fuzz corpus and a soak on the default model
+
+    return robustness.run(**kw)
+
+
+SECTIONS = {"inference": inference.run, "adapters": adapters.run, "jac": _jac, "train": _train, "loop": _loop,
+            "robustness": _robustness, "amx": amx.run}
 
 
 def main(argv=None) -> int:
@@ -31,9 +38,11 @@ def main(argv=None) -> int:
     ap.add_argument("section", nargs="?", default="inference", choices=sorted(SECTIONS))
     ap.add_argument("--json", action="store_true", help="print one JSON object (ratios included) and nothing else")
     ap.add_argument("--quick", action="store_true", help="fewer tokens and rounds (smoke test)")
+    ap.add_argument("--soak-seconds", type=float, help="robustness: soak length (default 600; --quick 30)")
     args = ap.parse_args(argv)
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.json else (lambda *a: print(*a, flush=True))
-    result = SECTIONS[args.section](quick=args.quick, log=log)
+    extra = {"soak_seconds": args.soak_seconds} if args.soak_seconds is not None else {}
+    result = SECTIONS[args.section](quick=args.quick, log=log, **extra)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

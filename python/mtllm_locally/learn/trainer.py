@@ -31,8 +31,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 
-from .. import _engine, models
-from ..chat import ChatTemplate, for_template
+from .. import _engine, models, vetting
+from ..chat import ChatTemplate, PromptEncoder, for_template, read_template_source
 from ..errors import InvalidRequestError, MtllmError
 from . import export
 from .lora_linear import use_fused_forward
@@ -144,21 +144,20 @@ class Tokenization:
     """The engine's renderer and tokenizer, loaded without the weights."""
 
     def __init__(self, model_path: str):
+        vetting.vet_model(str(model_path))  # a file llama.cpp would abort on never reaches this process
         p = _engine.ModelParams()
         p.vocab_only = True
         self.model = _engine.Model(model_path, p)
         piece = lambda t: self.model.token_piece(t, True).decode("utf-8", "replace") if t >= 0 else ""
-        self.template = ChatTemplate(self.model.chat_template, bos_token=piece(self.model.bos),
+        self.template = ChatTemplate(read_template_source(self.model), bos_token=piece(self.model.bos),
                                      eos_token=piece(self.model.eos))
-        self.bos_text = piece(self.model.bos)
+        self.encoder = PromptEncoder.for_model(self.model, self.template)  # the engine's encoder: same ids
         self.end = self.model.eot if self.model.eot >= 0 else self.model.eos
 
     def prompt_ids(self, messages: Sequence[Mapping[str, Any]], tools: list | None = None) -> list[int]:
         """As the provider serves them: OpenAI tool traffic adapted to the template first."""
         msgs = for_template(list(messages), tools, self.template.source)
-        text = self.template.render(msgs, add_generation_prompt=True, tools=tools)
-        add_bos = self.model.add_bos and not (self.bos_text and text.startswith(self.bos_text))
-        return self.model.tokenize(text, add_bos, True)
+        return self.encoder.encode(msgs, add_generation_prompt=True, tools=tools)
 
     def example(self, messages, completion: str, tools: list | None = None) -> Example:
         return Example(self.prompt_ids(messages, tools), self.model.tokenize(completion, False, False) + [self.end])

@@ -33,7 +33,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Iterator
 
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # before litellm is imported: no cost-map fetch
+# No cost-map fetch at `import litellm`: set at interpreter start by mtllm_locally-offline.pth and by the
+# package __init__ (so it holds whatever the program imported first); kept beside the import it protects.
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 import litellm  # noqa: E402
 from litellm import CustomLLM  # noqa: E402
