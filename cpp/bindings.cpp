@@ -143,6 +143,7 @@ PYBIND11_MODULE(_engine, m) {
         .def("meta", &Model::meta)
         .def("metadata", &Model::metadata)
         .def_property_readonly("chat_template", &Model::chat_template)
+        .def_property_readonly("max_piece_bytes", &Model::max_piece_bytes)
         .def_property_readonly("chat_template_bytes", [](const Model& m_) { return py::bytes(m_.chat_template()); })
         .def("special_texts", [](const Model& m_) {
                  py::list out;

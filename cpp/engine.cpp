@@ -43,7 +43,13 @@ Engine::Engine(std::shared_ptr<Model> model, const EngineParams& params)
     if (params_.max_queued < 0) throw InvalidRequestError("max_queued must be >= 0");
     int n_ctx = params_.n_ctx > 0 ? params_.n_ctx : std::min(model_->n_ctx_train(), 8192);
     if (n_ctx < 16) throw InvalidRequestError("n_ctx must be >= 16");
-    n_seq_max_ = std::min<int>(params_.max_running + params_.cache_sequences, int(llama_max_parallel_sequences()));
+    // llama.cpp reserves one output row per sequence within a batch's outputs
+    // (GGML_ASSERT otherwise): sequences are capped by the batch, which n_ctx caps.
+    const int n_batch_cap = std::min(params_.n_batch, n_ctx);
+    if (params_.max_running > n_batch_cap)
+        throw InvalidRequestError("max_running (" + std::to_string(params_.max_running) + ") exceeds the batch size (" +
+                                  std::to_string(n_batch_cap) + " = min(n_batch, n_ctx)): every running request needs a slot in each step");
+    n_seq_max_ = std::min({params_.max_running + params_.cache_sequences, int(llama_max_parallel_sequences()), n_batch_cap});
     if (params_.max_running > n_seq_max_)
         throw InvalidRequestError("max_running exceeds llama.cpp's limit of " + std::to_string(llama_max_parallel_sequences()) + " sequences");
 

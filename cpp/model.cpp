@@ -1,5 +1,6 @@
 #include "model.h"
 
+#include <algorithm>
 #include <climits>
 
 #include "errors.h"
@@ -113,6 +114,12 @@ std::vector<std::string> Model::special_texts() const {
         if (text && *text) out.emplace_back(text);
     }
     return out;
+}
+
+int Model::max_piece_bytes() const {
+    size_t longest = 1;
+    for (llama_token t = 0; t < n_vocab(); ++t) longest = std::max(longest, token_piece(t, true).size());
+    return int(longest);
 }
 
 std::string Model::description() const {

@@ -43,6 +43,9 @@ public:
     // Text of every token llama_tokenize matches as one piece when parse_special is
     // on (control, user-defined, unknown): what user content must not smuggle in.
     std::vector<std::string> special_texts() const;
+    // Bytes of the vocabulary's longest token text: a text of more bytes than
+    // n_ctx * this cannot fit in n_ctx tokens, whatever the tokenizer does.
+    int max_piece_bytes() const;
     std::string description() const;
 
 private:

@@ -558,7 +558,10 @@ def _content_text(content: Any) -> str:
             if isinstance(part, str):
                 parts.append(part)
             elif isinstance(part, Mapping) and part.get("type") in ("text", "input_text"):
-                parts.append(str(part.get("text", "")))
+                text = part.get("text", "")
+                if not isinstance(text, str):
+                    raise InvalidRequestError(f"a text content part's 'text' must be a str, not {type(text).__name__}")
+                parts.append(text)
             elif isinstance(part, Mapping) and part.get("type") in ("image_url", "input_image", "input_audio"):
                 raise InvalidRequestError(f"content part of type {part.get('type')!r} is not supported by a text model")
             else:
@@ -568,12 +571,14 @@ def _content_text(content: Any) -> str:
 
 
 def normalize_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Iterable):
+        raise InvalidRequestError(f"messages must be a list of mappings, not {type(messages).__name__}")
     out = []
     for i, m in enumerate(messages):
         if not isinstance(m, Mapping):
             raise InvalidRequestError(f"message {i} must be a mapping with 'role' and 'content'")
         role = m.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise InvalidRequestError(f"message {i} has unsupported role {role!r}")
         msg = dict(m)
         msg["content"] = _content_text(m.get("content"))

@@ -37,6 +37,26 @@ _ERRORS = {c.__name__: c for c in (ContextOverflowError, EngineClosedError, Engi
 
 Message = Mapping[str, Any]
 LIMITS = dict(_engine.limits)  # the native engine's own limits, checked here first
+# ggml's workers spin: more threads than cores only slows it down, and thousands fail to start.
+MAX_THREADS = 2 * (os.cpu_count() or 1)
+
+
+def _text(value: Any, what: str) -> str:
+    """A str that can cross into C++ (UTF-8): lone surrogates cannot."""
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"{what} must be a str, not {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequestError(f"{what} is not valid text (it contains a lone surrogate)") from None
+    return value
+
+
+def _replace(obj, kw: dict, what: str):
+    try:
+        return replace(obj, **kw)
+    except TypeError as e:  # an unknown keyword
+        raise InvalidRequestError(f"unknown {what} parameter: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -78,15 +98,19 @@ class SamplingParams:
             bad("repeat_penalty", "must be > 0")
         if self.repeat_last_n < -1:
             bad("repeat_last_n", "must be >= -1")
-        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**32 - 1):
+        if not isinstance(self.ignore_eos, bool):
+            bad("ignore_eos", "must be True or False")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32 - 1):
             bad("seed", "must be an int in [0, 2**32 - 1)")
         stop = self.stop
         if isinstance(stop, str):
             stop = (stop,)
         if stop is None:
             stop = ()
-        if not all(isinstance(s, str) for s in stop):
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
             bad("stop", "must be a string or a sequence of strings")
+        for s in stop:
+            _text(s, "a stop string")
         if len(stop) > LIMITS["max_stops"] or any(len(s.encode("utf-8", "surrogatepass")) > LIMITS["max_stop_bytes"] for s in stop):
             bad("stop", f"at most {LIMITS['max_stops']} strings of at most {LIMITS['max_stop_bytes']} bytes")
         for name in ("max_tokens", "top_k", "repeat_last_n"):
@@ -126,8 +150,17 @@ class EngineConfig:
     def __post_init__(self):
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.type in ("int",) and (not isinstance(v, int) or isinstance(v, bool)):
-                raise InvalidRequestError(f"{f.name}={v!r}: must be an int")
+            if f.type in ("int",) and (not isinstance(v, int) or isinstance(v, bool) or not -2**31 <= v < 2**31):
+                raise InvalidRequestError(f"{f.name}={v!r}: must be an int that fits in 32 bits")
+            if f.type == "bool" and not isinstance(v, bool):
+                raise InvalidRequestError(f"{f.name}={v!r}: must be True or False")
+        if self.flash_attn is not None and not isinstance(self.flash_attn, bool):
+            raise InvalidRequestError(f"flash_attn={self.flash_attn!r}: must be True, False or None")
+        if self.n_threads > MAX_THREADS:
+            raise InvalidRequestError(f"n_threads={self.n_threads}: at most {MAX_THREADS} (twice this machine's cores)")
+        if self.max_running + self.cache_sequences > _engine.max_parallel_sequences():
+            raise InvalidRequestError(f"max_running + cache_sequences = {self.max_running + self.cache_sequences}: "
+                                      f"llama.cpp runs at most {_engine.max_parallel_sequences()} sequences")
         if self.n_ctx < 0 or (0 < self.n_ctx < 16):
             raise InvalidRequestError(f"n_ctx={self.n_ctx}: must be 0 (model default) or >= 16")
         for name in ("n_batch", "max_running"):
@@ -284,7 +317,9 @@ class Engine:
     """A model plus its serving loop. Thread-safe; share one per process."""
 
     def __init__(self, model: str | os.PathLike | None = None, config: EngineConfig | None = None, **overrides):
-        config = replace(config or EngineConfig(), **overrides) if overrides else (config or EngineConfig())
+        if config is not None and not isinstance(config, EngineConfig):
+            raise InvalidRequestError(f"config must be an EngineConfig, not {type(config).__name__}")
+        config = _replace(config or EngineConfig(), overrides, "engine") if overrides else (config or EngineConfig())
         self.config = config
         path = models.resolve(model, fast_default=config.fast_default)
         flash = -1 if config.flash_attn is None else int(config.flash_attn)
@@ -299,11 +334,13 @@ class Engine:
         self.chat_template = ChatTemplate(template_source, bos_token=self._piece(self._model.bos),
                                           eos_token=self._piece(self._model.eos))
         self._prompt_encoder = PromptEncoder.for_model(self._model, self.chat_template)
+        self._max_piece_bytes = self._model.max_piece_bytes
         ep = _engine.EngineParams()
         for name in ("n_ctx", "n_batch", "max_running", "cache_sequences", "max_queued", "n_threads", "prefix_reuse", "kv_f32"):
             setattr(ep, name, getattr(config, name))
         ep.flash_attn = flash
         self._native = _engine.Engine(self._model, ep)
+        self._max_prompt_chars = self._native.n_ctx * self._max_piece_bytes
         self._pump: _AsyncPump | None = None
         self._guidance_set = False
         self._pump_lock = threading.Lock()
@@ -325,12 +362,19 @@ class Engine:
         return self._native.n_ctx
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        if not isinstance(text, str):
-            raise InvalidRequestError(f"text must be a str, not {type(text).__name__}")
-        return self._model.tokenize(text, add_special, parse_special)
+        return self._model.tokenize(_text(text, "text"), bool(add_special), bool(parse_special))
 
     def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
-        return self._model.detokenize(list(tokens), special)
+        return self._model.detokenize(self._token_ids(tokens, "tokens"), bool(special))
+
+    def _token_ids(self, tokens: Any, what: str) -> list[int]:
+        if isinstance(tokens, (str, bytes)) or not isinstance(tokens, Sequence):
+            raise InvalidRequestError(f"{what} must be a list of token ids")
+        n = self.info.n_vocab if hasattr(self, "info") else self._model.n_vocab
+        for t in tokens:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < n:
+                raise InvalidRequestError(f"{what}: token id {t!r} out of range [0, {n})")
+        return list(tokens)
 
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
                tools: list[dict] | None = None, **extra) -> str:
@@ -340,6 +384,7 @@ class Engine:
                     tools: list[dict] | None = None, **extra) -> list[int]:
         """Messages -> prompt token ids, exactly as served (and as trained on): the template's
         markup becomes special tokens, special-token text inside messages stays text (chat.PromptEncoder)."""
+        self._check_prompt_bytes("".join(_content_strings(messages)))
         return self._prompt_encoder.encode(messages, add_generation_prompt=add_generation_prompt, tools=tools, **extra)
 
     # ---------------------------------------------------------------- requests
@@ -349,10 +394,19 @@ class Engine:
         if messages is not None:
             return self.encode_chat(messages, tools=tools)
         if isinstance(prompt, str):
+            self._check_prompt_bytes(prompt)
             return self.tokenize(prompt, add_special=True, parse_special=True)
-        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            return list(prompt)
+        if isinstance(prompt, (list, tuple)):
+            return self._token_ids(prompt, "prompt")
         raise InvalidRequestError("prompt must be a str or a list of token ids")
+
+    def _check_prompt_bytes(self, text: str) -> None:
+        """Refuse text that cannot fit before tokenizing it: no token is longer than
+        the vocabulary's longest piece, so more bytes than n_ctx of those overflow
+        (tokenizing megabytes of special-token text took seconds)."""
+        if len(text) > self._max_prompt_chars:
+            raise ContextOverflowError(f"the prompt is {len(text)} characters; the context ({self.n_ctx} tokens "
+                                       f"of at most {self._max_piece_bytes} bytes) cannot hold it")
 
     def submit(self, prompt: str | Sequence[int] | None = None, *, messages: Sequence[Message] | None = None,
                sampling: SamplingParams | None = None, tools: list[dict] | None = None,
@@ -364,8 +418,14 @@ class Engine:
         Output constraints (at most one): `response_format` (OpenAI: json_schema or
         json_object), `tools` with `tool_choice` (a well-formed call of one of them),
         or an explicit `grammar` (json_schema, regex or lark)."""
+        if sampling is not None and not isinstance(sampling, SamplingParams):
+            raise InvalidRequestError(f"sampling must be a SamplingParams, not {type(sampling).__name__}")
+        if grammar is not None and not isinstance(grammar, constraints.Grammar):
+            raise InvalidRequestError(f"grammar must be a constraints.Grammar, not {type(grammar).__name__}")
+        if grammar is not None:
+            _text(grammar.data, "grammar text")
         if sampling_kw:
-            sampling = replace(sampling or SamplingParams(), **sampling_kw)
+            sampling = _replace(sampling or SamplingParams(), sampling_kw, "sampling")
         sampling = sampling or SamplingParams()
         ids = self._prompt_ids(prompt, messages, tools)
         chosen = [g for g in (grammar, constraints.from_response_format(response_format),
@@ -436,6 +496,8 @@ class Engine:
     def load_adapter(self, path: str | os.PathLike) -> int:
         """Load a GGUF LoRA adapter into the running engine; returns its id. Ids are
         never reused, so a reloaded file is a new version with its own prefix cache."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise InvalidRequestError(f"adapter path must be a str or path, not {type(path).__name__}")
         try:
             p = models.check_gguf(path)
         except ModelLoadError as e:
@@ -447,7 +509,9 @@ class Engine:
         return self._native.load_adapter(str(p))
 
     def unload_adapter(self, adapter_id: int) -> None:
-        self._native.unload_adapter(int(adapter_id))
+        if not isinstance(adapter_id, int) or isinstance(adapter_id, bool) or not 0 <= adapter_id < 2**63:
+            raise InvalidRequestError(f"adapter {adapter_id!r} is not an id from load_adapter()")
+        self._native.unload_adapter(adapter_id)
 
     def adapters(self) -> list[tuple[int, str]]:
         return self._native.adapters()
@@ -458,8 +522,8 @@ class Engine:
         For sharing the cores with a training process: ggml's workers spin-wait, so an
         engine that keeps all its threads while another process holds a core slows down
         many times over instead of by the core it lost."""
-        if not isinstance(n, int) or n < 0:
-            raise InvalidRequestError(f"threads must be an int >= 0, not {n!r}")
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_THREADS:
+            raise InvalidRequestError(f"threads must be an int in [0, {MAX_THREADS}], not {n!r}")
         self._native.set_threads(n)
 
     @property
@@ -486,6 +550,17 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _content_strings(messages) -> Iterator[str]:
+    """The message texts a prompt contains at least (a lower bound on its size)."""
+    if isinstance(messages, Sequence) and not isinstance(messages, (str, bytes)):
+        for m in messages:
+            content = m.get("content") if isinstance(m, Mapping) else None
+            if isinstance(content, str):
+                yield content
+            elif isinstance(content, list):
+                yield from (p["text"] for p in content if isinstance(p, Mapping) and isinstance(p.get("text"), str))
 
 
 def _adapter_set(adapters) -> list[tuple[int, float]]:

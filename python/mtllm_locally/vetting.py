@@ -119,18 +119,23 @@ _LORA_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 
 def check_adapter_file(path: str, architecture: str) -> None:
     """What we can tell from the adapter's metadata, with a clear message each."""
-    import math
-
     import gguf
-    import numpy as np
 
     def bad(why: str):
         raise AdapterLoadError(f"adapter file '{path}' {why}")
 
     try:
-        reader = gguf.GGUFReader(path)
+        _check_adapter_fields(gguf.GGUFReader(path), architecture, bad)
+    except AdapterLoadError:
+        raise
     except Exception as e:  # gguf-py raises many kinds on a corrupt file
         bad(f"is not a readable GGUF file: {type(e).__name__}: {e}")
+
+
+def _check_adapter_fields(reader, architecture: str, bad) -> None:
+    import math
+
+    import numpy as np
 
     def scalar(key: str):
         field = reader.fields.get(key)
