@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import reprlib
 import string
 import threading
 import time
@@ -565,7 +566,7 @@ def _content_text(content: Any) -> str:
             elif isinstance(part, Mapping) and part.get("type") in ("image_url", "input_image", "input_audio"):
                 raise InvalidRequestError(f"content part of type {part.get('type')!r} is not supported by a text model")
             else:
-                raise InvalidRequestError(f"unsupported content part: {part!r}")
+                raise InvalidRequestError(f"unsupported content part: {reprlib.repr(part)}")  # bounded, any depth
         return "".join(parts)
     raise InvalidRequestError(f"message content must be a string or a list of parts, not {type(content).__name__}")
 
@@ -579,7 +580,7 @@ def normalize_messages(messages: Iterable[Mapping[str, Any]]) -> list[dict[str, 
             raise InvalidRequestError(f"message {i} must be a mapping with 'role' and 'content'")
         role = m.get("role")
         if not isinstance(role, str) or role not in ROLES:
-            raise InvalidRequestError(f"message {i} has unsupported role {role!r}")
+            raise InvalidRequestError(f"message {i} has unsupported role {reprlib.repr(role)}")
         msg = dict(m)
         msg["content"] = _content_text(m.get("content"))
         out.append(msg)

@@ -18,6 +18,7 @@ import importlib.util
 import json
 import os
 import re
+import reprlib
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
@@ -31,7 +32,7 @@ class Grammar:
 
     def __post_init__(self):
         if self.kind not in ("json_schema", "regex", "lark"):
-            raise InvalidRequestError(f"grammar kind must be json_schema, regex or lark, not {self.kind!r}")
+            raise InvalidRequestError(f"grammar kind must be json_schema, regex or lark, not {reprlib.repr(self.kind)}")
         if not isinstance(self.data, str):
             raise InvalidRequestError(f"grammar text must be a str, not {type(self.data).__name__}")
         if "\x00" in self.data:
@@ -128,7 +129,7 @@ def from_response_format(rf: Mapping[str, Any] | None) -> Grammar | None:
         if not isinstance(js, Mapping) or "schema" not in js:
             raise InvalidRequestError("response_format json_schema needs {'json_schema': {'schema': ...}}")
         return Grammar("json_schema", _schema_text(js["schema"]))
-    raise InvalidRequestError(f"unsupported response_format type {kind!r} (text, json_object, json_schema)")
+    raise InvalidRequestError(f"unsupported response_format type {reprlib.repr(kind)} (text, json_object, json_schema)")
 
 
 def tool_call_schema(tools: Sequence[Mapping[str, Any]], only: str | None = None) -> dict:
@@ -136,14 +137,14 @@ def tool_call_schema(tools: Sequence[Mapping[str, Any]], only: str | None = None
     for t in tools:
         fn = t.get("function", t) if isinstance(t, Mapping) else None
         if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
-            raise InvalidRequestError(f"malformed tool: {t!r}")
+            raise InvalidRequestError(f"malformed tool: {reprlib.repr(t)}")
         if only is not None and fn["name"] != only:
             continue
         params = fn.get("parameters") or {"type": "object", "properties": {}}
         options.append({"type": "object", "properties": {"name": {"const": fn["name"]}, "arguments": params},
                         "required": ["name", "arguments"], "additionalProperties": False})
     if not options:
-        raise InvalidRequestError(f"tool_choice names a tool that is not in tools: {only!r}")
+        raise InvalidRequestError(f"tool_choice names a tool that is not in tools: {reprlib.repr(only)}")
     return options[0] if len(options) == 1 else {"anyOf": options}
 
 
@@ -157,7 +158,7 @@ def from_tools(tools: Sequence[Mapping[str, Any]] | None, tool_choice: Any = "au
     elif isinstance(tool_choice, Mapping) and isinstance(tool_choice.get("function"), Mapping):
         only = tool_choice["function"].get("name")
     else:
-        raise InvalidRequestError(f"unsupported tool_choice {tool_choice!r}")
+        raise InvalidRequestError(f"unsupported tool_choice {reprlib.repr(tool_choice)}")
     if tool_choice == "none":
         return None
     schema = _schema_text(tool_call_schema(tools, only))

@@ -15,6 +15,7 @@ import atexit
 import logging
 import math
 import os
+import reprlib
 import threading
 import weakref
 from dataclasses import dataclass, field, fields, replace
@@ -74,7 +75,7 @@ class SamplingParams:
 
     def __post_init__(self):
         def bad(name, why):
-            raise InvalidRequestError(f"{name}={getattr(self, name)!r}: {why}")
+            raise InvalidRequestError(f"{name}={reprlib.repr(getattr(self, name))}: {why}")
 
         for name in ("max_tokens", "top_k", "repeat_last_n"):
             v = getattr(self, name)
@@ -151,11 +152,11 @@ class EngineConfig:
         for f in fields(self):
             v = getattr(self, f.name)
             if f.type in ("int",) and (not isinstance(v, int) or isinstance(v, bool) or not -2**31 <= v < 2**31):
-                raise InvalidRequestError(f"{f.name}={v!r}: must be an int that fits in 32 bits")
+                raise InvalidRequestError(f"{f.name}={reprlib.repr(v)}: must be an int that fits in 32 bits")
             if f.type == "bool" and not isinstance(v, bool):
-                raise InvalidRequestError(f"{f.name}={v!r}: must be True or False")
+                raise InvalidRequestError(f"{f.name}={reprlib.repr(v)}: must be True or False")
         if self.flash_attn is not None and not isinstance(self.flash_attn, bool):
-            raise InvalidRequestError(f"flash_attn={self.flash_attn!r}: must be True, False or None")
+            raise InvalidRequestError(f"flash_attn={reprlib.repr(self.flash_attn)}: must be True, False or None")
         if self.n_threads > MAX_THREADS:
             raise InvalidRequestError(f"n_threads={self.n_threads}: at most {MAX_THREADS} (twice this machine's cores)")
         if self.max_running + self.cache_sequences > _engine.max_parallel_sequences():
@@ -373,7 +374,7 @@ class Engine:
         n = self.info.n_vocab if hasattr(self, "info") else self._model.n_vocab
         for t in tokens:
             if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < n:
-                raise InvalidRequestError(f"{what}: token id {t!r} out of range [0, {n})")
+                raise InvalidRequestError(f"{what}: token id {reprlib.repr(t)} out of range [0, {n})")
         return list(tokens)
 
     def render(self, messages: Sequence[Message], *, add_generation_prompt: bool = True,
@@ -510,7 +511,7 @@ class Engine:
 
     def unload_adapter(self, adapter_id: int) -> None:
         if not isinstance(adapter_id, int) or isinstance(adapter_id, bool) or not 0 <= adapter_id < 2**63:
-            raise InvalidRequestError(f"adapter {adapter_id!r} is not an id from load_adapter()")
+            raise InvalidRequestError(f"adapter {reprlib.repr(adapter_id)} is not an id from load_adapter()")
         self._native.unload_adapter(adapter_id)
 
     def adapters(self) -> list[tuple[int, str]]:
@@ -523,7 +524,7 @@ class Engine:
         engine that keeps all its threads while another process holds a core slows down
         many times over instead of by the core it lost."""
         if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= MAX_THREADS:
-            raise InvalidRequestError(f"threads must be an int in [0, {MAX_THREADS}], not {n!r}")
+            raise InvalidRequestError(f"threads must be an int in [0, {MAX_THREADS}], not {reprlib.repr(n)}")
         self._native.set_threads(n)
 
     @property
@@ -571,9 +572,9 @@ def _adapter_set(adapters) -> list[tuple[int, float]]:
         raise InvalidRequestError("adapters must be a sequence of (adapter id, scale) pairs") from None
     for a, s in pairs:
         if not isinstance(a, int) or isinstance(a, bool) or not 0 <= a < 2**63:
-            raise InvalidRequestError(f"adapter id {a!r} is not an id from load_adapter()")
+            raise InvalidRequestError(f"adapter id {reprlib.repr(a)} is not an id from load_adapter()")
         if not isinstance(s, (int, float)) or isinstance(s, bool) or not math.isfinite(s) or abs(s) > LIMITS["max_adapter_scale"]:
-            raise InvalidRequestError(f"adapter scale {s!r} must be a finite number within ±{LIMITS['max_adapter_scale']:g}")
+            raise InvalidRequestError(f"adapter scale {reprlib.repr(s)} must be a finite number within ±{LIMITS['max_adapter_scale']:g}")
         out.append((a, float(s)))
     return out
 
