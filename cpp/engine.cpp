@@ -4,6 +4,9 @@
 #include <chrono>
 #include <cmath>
 #include <cstring>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #include <future>
 #include <sstream>
 #include <thread>
@@ -586,6 +589,14 @@ void Engine::recover(const char* what) {
 bool Engine::step() {
     std::deque<std::function<void()>> tasks;
     std::vector<llama_adapter_lora*> to_free;
+    if (running_.empty() && waiting_.empty() && busy_since_idle_) {
+        // Going idle: hand the pages freed while serving back to the OS, so the host's
+        // memory after a burst of calls is what it was before (glibc keeps them otherwise).
+        busy_since_idle_ = false;
+#if defined(__GLIBC__)
+        malloc_trim(0);
+#endif
+    }
     {
         std::unique_lock<std::mutex> lock(mu_);
         cv_.wait(lock, [&] {
@@ -633,6 +644,7 @@ bool Engine::step() {
                    running_.end());
 
     admit();
+    if (!running_.empty()) busy_since_idle_ = true;
     {
         std::lock_guard<std::mutex> lock(stats_mu_);
         stats_.running = int(running_.size());

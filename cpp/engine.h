@@ -146,7 +146,8 @@ private:
     // admitted, so a preempted request cannot be re-admitted into the same full
     // cache step after step (a livelock in which no request ever finished).
     bool kv_pressure_ = false;
-    int failed_steps_ = 0;  // consecutive steps that ended in recover(); too many stop the engine
+    int failed_steps_ = 0;
+    bool busy_since_idle_ = false;  // served something since the engine was last idle  // consecutive steps that ended in recover(); too many stop the engine
 
     // adapters (loaded under mu_; used by the scheduler thread)
     struct LoadedAdapter {
