@@ -71,9 +71,11 @@ def run(quick: bool = False, log=print) -> dict:
         none = results.get(f"{qname}/none/decode8", {}).get("tok_s")
         if ours and none:
             ratios[f"repack_vs_none_decode8_{qname}"] = ours / none
-        amx = results.get(f"{qname}/amx+repack/decode8", {}).get("tok_s")
-        if ours and amx:
-            ratios[f"amx_vs_ours_decode8_{qname}"] = amx / ours
+        for mode in ("decode1", "decode8"):  # where AMX runs at all: one token per step
+            amx = results.get(f"{qname}/amx+repack/{mode}", {}).get("tok_s")
+            base = results.get(f"{qname}/repack/{mode}", {}).get("tok_s")
+            if base and amx:
+                ratios[f"amx_vs_ours_{mode}_{qname}"] = amx / base
         if f"{qname}/amx+repack/prompt" in results:
             ratios[f"amx_prompt_crashed_{qname}"] = float("crashed" in results[f"{qname}/amx+repack/prompt"])
     return {"available": available, "results": results, "ratios": ratios,
