@@ -13,6 +13,8 @@ bench: setup
 	.venv/bin/python -m mtllm_locally.bench jac
 	.venv/bin/python -m mtllm_locally.bench train
 	.venv/bin/python -m mtllm_locally.bench loop
+	.venv/bin/python -m mtllm_locally.bench robustness
+	.venv/bin/python -m mtllm_locally.bench amx
 
 test: setup
 	.venv/bin/python -m pytest -q tests
