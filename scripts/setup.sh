@@ -22,7 +22,9 @@ if [ ! -x .venv/bin/python ]; then
 fi
 VPY=.venv/bin/python
 stamp=.venv/.mtllm-setup
-want=$(cat pyproject.toml CMakeLists.txt cpp/* scripts/setup.sh | sha256sum | cut -c1-16)
+# Everything the installed package is built from: a changed Python file reinstalls too
+# (the package is installed, not linked, so tests would otherwise run stale code).
+want=$(cat pyproject.toml CMakeLists.txt cpp/* scripts/setup.sh $(find python -type f \( -name '*.py' -o -name '*.pth' -o -name '*.jac' \) | LC_ALL=C sort) | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
