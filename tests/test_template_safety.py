@@ -34,19 +34,16 @@ SLOW = {
 
 @pytest.mark.parametrize("name", list(SLOW))
 def test_slow_templates_stop_at_the_time_limit(name):
+    # The message comes only from the deadline watchdog: the render was stopped, not finished.
     t = ChatTemplate(SLOW[name], limits=RenderLimits(seconds=0.3))
-    t0 = time.monotonic()
     with pytest.raises(TemplateError, match="took longer than 0.3 s"):
         t.render(USER)
-    assert time.monotonic() - t0 < 2.0
 
 
 def test_default_time_limit_is_two_seconds():
-    t = ChatTemplate(SLOW["empty nested loop"])
-    t0 = time.monotonic()
+    assert ChatTemplate(None).limits.seconds == 2.0
     with pytest.raises(TemplateError, match="took longer than 2 s"):
-        t.render(USER)
-    assert 1.9 < time.monotonic() - t0 < 4.0
+        ChatTemplate(SLOW["empty nested loop"]).render(USER)
 
 
 LARGE = {
@@ -83,10 +80,10 @@ LARGE = {
 
 @pytest.mark.parametrize("name", list(LARGE))
 def test_large_values_are_refused_before_they_are_built(name):
-    t0 = time.monotonic()
-    with pytest.raises(TemplateError):
+    # Refused by the size checks, not stopped by the deadline after building it.
+    with pytest.raises(TemplateError) as e:
         ChatTemplate(LARGE[name]).render(USER)
-    assert time.monotonic() - t0 < 2.5
+    assert "took longer" not in str(e.value)
 
 
 def test_size_limit_is_configurable():
@@ -163,13 +160,13 @@ def test_slow_renders_in_threads_do_not_block_others():
             errors.append(e)
 
     threads = [threading.Thread(target=run_slow) for _ in range(4)]
-    t0 = time.monotonic()
     for th in threads:
         th.start()
     assert fast.render(USER).endswith("<|im_start|>assistant\n")
     for th in threads:
         th.join(10)
-    assert len(errors) == 4 and time.monotonic() - t0 < 5
+    assert not any(th.is_alive() for th in threads)  # each stopped by its own deadline
+    assert len(errors) == 4 and all("took longer than 0.5 s" in str(e) for e in errors)
 
 
 def test_real_templates_render_unchanged(default_engine):
