@@ -12,7 +12,7 @@ pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from loop_helpers import fill_store  # noqa: E402
-from mtllm_locally.learn.store import Store  # noqa: E402
+from mtllm_locally.state.store import Store  # noqa: E402
 
 
 def cli(store, *args, model=None):

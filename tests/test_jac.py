@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mtllm_locally.learn.store import Store
+from mtllm_locally.state.store import Store
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 JAC = Path(sys.executable).with_name("jac")

@@ -14,10 +14,9 @@ litellm = pytest.importorskip("litellm")
 
 from loop_helpers import RF, answer_for, messages, register_oracle, wait_for, word_of  # noqa: E402
 from mtllm_locally import models  # noqa: E402
-from mtllm_locally.learn import policy  # noqa: E402
-from mtllm_locally.learn.loop import TaskRef, start_training  # noqa: E402
-from mtllm_locally.learn.registry import Registry  # noqa: E402
-from mtllm_locally.serve import deploy, engines, litellm_provider, recorder  # noqa: E402,F401
+from mtllm_locally.learn.trigger import TaskRef, start_training  # noqa: E402
+from mtllm_locally.state.registry import Registry  # noqa: E402
+from runtime_helpers import own_runtime  # noqa: E402
 
 # Small enough for CI, large enough that the tiny model can learn word -> label.
 TEACHER = dict(teacher="oracle/labeller", teacher_until=0.0)
@@ -26,34 +25,32 @@ POLICY = dict(min_new_examples=60, min_interval_s=0.0, threads=1,
 
 
 @pytest.fixture
-def loop_env(tmp_path, tiny_model_path):
+def rt(tmp_path, tiny_model_path):
     register_oracle()
-    recorder.configure(tmp_path / "calls.sqlite3")
-    policy.reset()
-    policy.configure(**POLICY)
-    policy.configure("classify", **TEACHER)  # other tasks have no teacher
-    yield tmp_path
-    policy.reset()
-    recorder.configure(None)
+    with own_runtime(tmp_path / "calls.sqlite3") as runtime:
+        runtime.policy.reset()
+        runtime.policy.configure(**POLICY)
+        runtime.policy.configure("classify", **TEACHER)  # other tasks have no teacher
+        yield runtime
 
 
-def call(model_path, i, word=None):
+def call(rt, model_path, i, word=None):
     word = word or word_of(i)
     r = litellm.completion(model=f"mtllm_locally/{model_path}", messages=messages(i, word), response_format=RF,
                            metadata={"jac_caller_name": "classify", "jac_invocation_id": f"inv-{i}"})
-    recorder.finish_call(f"inv-{i}", accepted=True)  # byllm's verdict, as the Jac plugin records it
+    rt.finish_call(f"inv-{i}", accepted=True)  # byllm's verdict, as the Jac plugin records it
     return r.choices[0].message.content
 
 
-def test_calls_to_promoted_adapter_and_rollback(loop_env, tiny_model_path):
-    st = recorder.store()
+def test_calls_to_promoted_adapter_and_rollback(rt, tiny_model_path):
+    st = rt.store()
     reg = Registry(st)
-    eng = engines.shared_engine(tiny_model_path)
+    eng = rt.engines.get(tiny_model_path)
     base = models.fingerprint(tiny_model_path)
 
     # 1. While no adapter is deployed, the teacher answers and the student runs in shadow.
     for i in range(60):
-        assert json.loads(call(tiny_model_path, i)) == json.loads(answer_for(messages(i, word_of(i))))
+        assert json.loads(call(rt, tiny_model_path, i)) == json.loads(answer_for(messages(i, word_of(i))))
     rows = st.rows("SELECT source, shadow_output, adapter FROM turns")
     assert len(rows) == 60 and all(r["source"] == "teacher:oracle/labeller" for r in rows)
     assert all(r["shadow_output"] and r["shadow_output"].startswith("{") for r in rows)
@@ -70,10 +67,10 @@ def test_calls_to_promoted_adapter_and_rollback(loop_env, tiny_model_path):
             and json.loads((v1.gguf_path.parent / "manifest.json").read_text())["base"] == base)
 
     # 3. The running engine routes the task to it, without a restart; the teacher stops.
-    out = call(tiny_model_path, 1000, "sky")
+    out = call(rt, tiny_model_path, 1000, "sky")
     last = st.rows("SELECT adapter, source FROM turns ORDER BY id DESC LIMIT 1")[0]
     assert last == {"adapter": v1.adapter_id, "source": "model"}
-    assert v1.adapter_id in deploy.router.loaded(eng)
+    assert v1.adapter_id in rt.router.loaded(eng)
     assert json.loads(out)["schema_object_wrapper"] in (1, 2, 3)
     # another task on the same engine is untouched
     other = litellm.completion(model=f"mtllm_locally/{tiny_model_path}", max_tokens=4,
@@ -83,8 +80,8 @@ def test_calls_to_promoted_adapter_and_rollback(loop_env, tiny_model_path):
     assert st.rows("SELECT adapter FROM turns WHERE invocation_id='g-1'")[0]["adapter"] is None
 
     # 4. A deliberately bad candidate (a learning rate that wrecks the model) is rejected.
-    policy.configure("classify", train={"learning_rate": 5.0, "epochs": 3, "bf16": False})
-    v2, proc = start_training(st, TaskRef(task, "classify", tiny_model_path), policy.policy_for("classify"),
+    rt.policy.configure("classify", train={"learning_rate": 5.0, "epochs": 3, "bf16": False})
+    v2, proc = start_training(st, TaskRef(task, "classify", tiny_model_path), rt.policy.for_task("classify"),
                               wait=True)
     v2 = reg.get(v2.adapter_id)
     assert v2.status == "rejected" and v2.metrics["candidate_score"] < v2.metrics["baseline_score"] + 0.05
@@ -93,45 +90,45 @@ def test_calls_to_promoted_adapter_and_rollback(loop_env, tiny_model_path):
 
     # 5. Rollback: the base model serves the task again, in the running process.
     assert reg.rollback(task, base) is None
-    call(tiny_model_path, 1001, "apple")
+    call(rt, tiny_model_path, 1001, "apple")
     assert st.rows("SELECT adapter FROM turns ORDER BY id DESC LIMIT 1")[0]["adapter"] is None
-    wait_for(lambda: v1.adapter_id not in deploy.router.loaded(eng), 10, "the rolled-back adapter to unload")
+    wait_for(lambda: v1.adapter_id not in rt.router.loaded(eng), 10, "the rolled-back adapter to unload")
     # ... and promoting v1 again is a manual decision the registry records
     assert reg.promote(v1.adapter_id)
     assert [r["action"] for r in reg.log(task)] == ["promote", "rollback", "promote"]
 
 
-def test_trigger_waits_for_enough_new_examples(loop_env, tiny_model_path):
-    from mtllm_locally.learn.loop import due
+def test_trigger_waits_for_enough_new_examples(rt, tiny_model_path):
+    from mtllm_locally.learn.trigger import due
 
     from loop_helpers import fill_store
 
-    st = recorder.store()
+    st = rt.store()
     reg = Registry(st)
     ref = TaskRef("classify:t", "classify", tiny_model_path)
     fill_store(st, 10)
-    ok, why = due(st, reg, ref, policy.policy_for("classify"))
+    ok, why = due(st, reg, ref, rt.policy.for_task("classify"))
     assert not ok and "10 new examples" in why
     # the model's own accepted answers are not labels under the default policy
     st.record_turn(invocation_id="own", task_key="classify:t", function="classify", model="m",
                    messages=messages(99, "sky"), response_format=RF, output_text='{"schema_object_wrapper":1}',
                    finish_reason="stop", latency_ms=1, prompt_tokens=1, completion_tokens=1)
     st.finish_call("own", accepted=True)
-    assert not due(st, reg, ref, policy.policy_for("classify"))[0]
+    assert not due(st, reg, ref, rt.policy.for_task("classify"))[0]
     fill_store(st, 49, start=10)  # 60 calls, but one is the model's own: 59 examples
-    assert not due(st, reg, ref, policy.policy_for("classify"))[0]
+    assert not due(st, reg, ref, rt.policy.for_task("classify"))[0]
     fill_store(st, 1, start=59)
-    assert due(st, reg, ref, policy.policy_for("classify"))[0]
-    policy.configure("classify", learn=False)
-    assert not due(st, reg, ref, policy.policy_for("classify"))[0]
+    assert due(st, reg, ref, rt.policy.for_task("classify"))[0]
+    rt.policy.configure("classify", learn=False)
+    assert not due(st, reg, ref, rt.policy.for_task("classify"))[0]
 
 
-def test_feedback_shapes_the_dataset(loop_env):
+def test_feedback_shapes_the_dataset(rt):
     from mtllm_locally.learn.dataset import task_examples
 
     from loop_helpers import fill_store
 
-    st = recorder.store()
+    st = rt.store()
     fill_store(st, 6)
     st.add_feedback("inv-classify:t-0", correct=False)                        # wrong: dropped
     st.add_feedback("inv-classify:t-1", corrected_output=3)                   # corrected: wrapped, compact
@@ -153,10 +150,10 @@ def test_feedback_shapes_the_dataset(loop_env):
     assert held <= {e.input_key for e in task_examples(st, "classify:t", heldout_percent=60) if e.heldout}
 
 
-def test_teacher_json_is_trained_in_the_form_the_engine_emits(loop_env):
+def test_teacher_json_is_trained_in_the_form_the_engine_emits(rt):
     from mtllm_locally.learn.dataset import completion_for, task_examples
 
-    st = recorder.store()
+    st = rt.store()
     st.record_turn(invocation_id="spaced", task_key="classify:t", function="classify", model="oracle/x",
                    messages=messages(5, "sky"), response_format=RF, output_text='{ "schema_object_wrapper": 2 }',
                    finish_reason="stop", latency_ms=1, prompt_tokens=1, completion_tokens=1, source="teacher:o")

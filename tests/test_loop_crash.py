@@ -19,12 +19,16 @@ pytest.importorskip("peft")
 
 from loop_helpers import fill_store  # noqa: E402
 from mtllm_locally import Engine, models  # noqa: E402
-from mtllm_locally.learn import policy  # noqa: E402
-from mtllm_locally.learn.loop import TaskRef, start_training  # noqa: E402
-from mtllm_locally.learn.registry import Registry, RegistryError  # noqa: E402
-from mtllm_locally.learn.registry import task_dirname  # noqa: E402
-from mtllm_locally.learn.store import Store  # noqa: E402
-from mtllm_locally.serve.deploy import Router  # noqa: E402
+from mtllm_locally import EngineConfig  # noqa: E402
+from mtllm_locally.learn.trigger import TaskRef, start_training  # noqa: E402
+from mtllm_locally.serve.router import Router  # noqa: E402
+from mtllm_locally.serve.runtime import Runtime  # noqa: E402
+from mtllm_locally.state.policy import Policy  # noqa: E402
+from mtllm_locally.state.registry import Registry, RegistryError  # noqa: E402
+from mtllm_locally.state.store import Store  # noqa: E402
+from mtllm_locally.state.task import task_dirname  # noqa: E402
+
+policy = Policy()
 from tiny_llama import build_tiny_llama, build_tiny_lora  # noqa: E402
 
 TASK = "classify:t"
@@ -50,7 +54,8 @@ def serve_once(model_path, store, router=None):
     """What a program does on its next call: route the task and generate with it."""
     router = router or Router()
     with Engine(model_path, flash_attn=False, n_ctx=512) as eng:
-        route = router.route(eng, TASK, store)
+        router.refresh(store)
+        route = router.route(eng, TASK)
         out = eng.generate(messages=[{"role": "user", "content": "item 1: sky"}], max_tokens=4,
                            adapters=list(route.adapters))
         assert out.completion_tokens > 0
@@ -76,7 +81,7 @@ def test_kill_training_at_random_points(store, tiny_model_path):
     rng = random.Random(1234)
     outcomes = []
     for delay in sorted(rng.uniform(0.0, 12.0) for _ in range(4)):
-        v, proc = start_training(store, ref, policy.policy_for("classify"))
+        v, proc = start_training(store, ref, policy.for_task("classify"))
         time.sleep(delay)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -86,14 +91,14 @@ def test_kill_training_at_random_points(store, tiny_model_path):
         serve_once(tiny_model_path, store)
     assert any(status == "failed" for _, status in outcomes), outcomes
     # a training after the crashes gets a fresh number and completes
-    v, proc = start_training(store, ref, policy.policy_for("classify"), wait=True)
+    v, proc = start_training(store, ref, policy.for_task("classify"), wait=True)
     assert v.version == len(outcomes) + 1 and reg.get(v.adapter_id).status in ("passed", "rejected")
     assert_consistent(reg, base)
 
 
 def test_sigterm_cancels_cleanly(store, tiny_model_path):
     reg = Registry(store)
-    v, proc = start_training(store, TaskRef(TASK, "classify", tiny_model_path), policy.policy_for("classify"))
+    v, proc = start_training(store, TaskRef(TASK, "classify", tiny_model_path), policy.for_task("classify"))
     time.sleep(6)
     proc.terminate()
     assert proc.wait(timeout=60) in (0, 3)
@@ -113,8 +118,8 @@ def _complete_version(reg: Registry, base: str, weights, seed: int):
 
 PROMOTER = textwrap.dedent("""
     import itertools
-    from mtllm_locally.learn.store import Store
-    from mtllm_locally.learn.registry import Registry
+    from mtllm_locally.state.store import Store
+    from mtllm_locally.state.registry import Registry
     reg = Registry(Store({store!r}))
     ids = {ids!r}
     print("ready", flush=True)
@@ -153,8 +158,8 @@ def test_kill_during_promotion(store, tiny_model_path, tmp_path):
 
 RESERVER = textwrap.dedent("""
     import sys, time
-    from mtllm_locally.learn.store import Store
-    from mtllm_locally.learn.registry import Registry, RegistryError
+    from mtllm_locally.state.store import Store
+    from mtllm_locally.state.registry import Registry, RegistryError
     reg = Registry(Store({store!r}))
     sys.stdout.write("go\\n"); sys.stdout.flush()
     sys.stdin.readline()
@@ -185,14 +190,16 @@ PROGRAM = textwrap.dedent("""
     import os, sys
     os.environ["MTLLM_LOCALLY_LEARN"] = "0"
     import litellm
-    from mtllm_locally.serve import recorder, litellm_provider
-    recorder.configure({store!r})
+    import mtllm_locally
+    from mtllm_locally.serve.runtime import Runtime
+    rt = mtllm_locally.use_runtime(Runtime(store_path={store!r}))
+    mtllm_locally.register_provider()
     for i in range(15):
         inv = f"{{os.getpid()}}-{{i}}"
         litellm.completion(model="mtllm_locally/{model}", max_tokens=3,
                            messages=[{{"role": "user", "content": f"item {{i}}"}}],
                            metadata={{"jac_caller_name": "f", "jac_invocation_id": inv}})
-        recorder.finish_call(inv, accepted=True)
+        rt.finish_call(inv, accepted=True)
     print("done", flush=True)
 """)
 
@@ -214,18 +221,23 @@ def test_serving_yields_cores_to_a_running_training(tmp_path, tiny_model_path):
     """ggml's decode threads spin: an engine that keeps every core while a training holds
     one slowed our bench's calls 26x (p50 0.21 s -> 5.6 s). While a training runs, the
     engine decodes with the cores it leaves free; afterwards with all of them again."""
-    st = Store(tmp_path / "calls.sqlite3")
-    reg = Registry(st)
-    router = Router()
     cores = len(os.sched_getaffinity(0))
-    with Engine(tiny_model_path, flash_attn=False, n_ctx=256, n_threads=2) as eng:
+    with Runtime(store_path=tmp_path / "calls.sqlite3",
+                 engine_config=EngineConfig(flash_attn=False, n_ctx=256, n_threads=2)) as rt:
+        reg = Registry(rt.store())
+        eng = rt.engines.get(tiny_model_path)
         v = reg.reserve(TASK, "base@x", config={"policy": {"threads": 1}})  # this (live) process trains
-        router.route(eng, TASK, st)
+        rt.route(eng, TASK)
         eng.generate("hi", max_tokens=2)
         assert eng.threads == min(2, max(1, cores - 1))
+        build_tiny_llama(tmp_path / "second.gguf")
+        other = rt.engines.get(str(tmp_path / "second.gguf"))  # an engine made while it trains
+        other.generate("hi", max_tokens=2)
+        assert other.threads == eng.threads
         reg.finish(v.adapter_id, "failed")
-        router.route(eng, TASK, st)
+        rt.route(eng, TASK)
         eng.generate("hi", max_tokens=2)
-        assert eng.threads == 2
+        other.generate("hi", max_tokens=2)
+        assert eng.threads == 2 and other.threads == 2
     with pytest.raises(Exception):
         eng.set_threads(-1)

@@ -55,13 +55,15 @@ def test_provider_capture_and_learning_loop_open_no_socket(tiny_model_path, tmp_
         import sys
         events = []
         sys.addaudithook(lambda e, a: events.append(e) if e.startswith("socket.") else None)
-        from mtllm_locally.serve import litellm_provider, recorder
+        import mtllm_locally
+        from mtllm_locally.serve.runtime import Runtime
         import litellm
-        recorder.configure({store!r})
+        rt = mtllm_locally.use_runtime(Runtime(store_path={store!r}))
+        mtllm_locally.register_provider()
         r = litellm.completion(model="mtllm_locally/{tiny_model_path}", max_tokens=3,
                                messages=[{{"role": "user", "content": "hi"}}],
                                metadata={{"jac_caller_name": "f", "jac_invocation_id": "i1"}})
-        recorder.finish_call("i1", accepted=True)
+        rt.finish_call("i1", accepted=True)
         from mtllm_locally.cli import main
         main(["--store", {store!r}, "--json", "status"])
         print(events)

@@ -35,7 +35,7 @@ CHILD = textwrap.dedent("""
         site.addsitedir(sitedir)
     import litellm                                   # first, as a program might
     import mtllm_locally
-    from mtllm_locally.serve import litellm_provider
+    mtllm_locally.register_provider()
     model = sys.argv[2]
     if model:
         r = litellm.completion(model="mtllm_locally/" + model, max_tokens=2,

@@ -9,8 +9,8 @@ import textwrap
 
 import pytest
 
-from mtllm_locally.learn.store import MIGRATIONS, SCHEMA_VERSION, Store, StoreError
-from mtllm_locally.serve import recorder
+from mtllm_locally.serve.runtime import Runtime
+from mtllm_locally.state.store import MIGRATIONS, SCHEMA_VERSION, Store, StoreError
 
 
 def turn(store, inv, text="x", fn="f"):
@@ -81,7 +81,7 @@ def test_two_processes_share_one_store(tmp_path):
     Store(p).close()
     code = textwrap.dedent(f"""
         import sys
-        from mtllm_locally.learn.store import Store
+        from mtllm_locally.state.store import Store
         s = Store({str(p)!r})
         for i in range(100):
             s.record_turn(invocation_id=f"{{sys.argv[1]}}-{{i}}", task_key="t:1", function="t", model="m",
@@ -96,14 +96,15 @@ def test_two_processes_share_one_store(tmp_path):
 def test_broken_store_never_breaks_a_call(tmp_path, caplog):
     bad = tmp_path / "dir-not-file"
     bad.mkdir()
-    recorder.configure(bad)
-    try:
-        recorder.record_turn(metadata=None, task="t", model="m", messages=[], response_format=None, tools=None, output_text="x",
-                             tool_calls=None, finish_reason="stop", latency_ms=1, prompt_tokens=1, completion_tokens=1,
-                             cached_tokens=0, temperature=0.0)
+    heard = []
+    with Runtime(store_path=bad) as rt:
+        rt.on_call(heard.append)
+        inv = rt.record_turn(invocation_id="i", task_key="t", function="t", model="m", model_path=None, messages=[],
+                             response_format=None, tools=None, output_text="x", tool_calls=None, finish_reason="stop",
+                             latency_ms=1, prompt_tokens=1, completion_tokens=1, cached_tokens=0, temperature=0.0)
+        assert inv is None and heard == []  # nothing stored, nothing announced, no exception
         assert "call capture failed" in caplog.text
-    finally:
-        recorder.configure(None)
+        assert rt.route(object(), "t").adapter_id is None  # a broken store routes to the base model
 
 
 def test_v1_store_is_migrated_forward_without_loss(tmp_path):

@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 
 from loop_helpers import fill_store
-from mtllm_locally.learn.registry import Registry, RegistryError, task_dirname
-from mtllm_locally.learn.store import MIGRATIONS, Store
+from mtllm_locally.state.policy import Policy, TaskPolicy
+from mtllm_locally.state.registry import Registry, RegistryError
+from mtllm_locally.state.store import MIGRATIONS, Store
+from mtllm_locally.state.task import task_dirname
 
 HOSTILE = ["..", ".", "a/b:h", "a-b:h", "../../x", "../../x:h", "/etc/passwd:h", "A/b:h", "a/B:h",
            "Classify:t", "classify:t", "classify!:t", "classify?:t", "clas sify:t", "x" * 300 + ":h",
@@ -158,8 +160,8 @@ def test_old_layout_store_keeps_working_and_is_tightened(tmp_path, umask022):
 
 RESERVE_AND_DIE = textwrap.dedent("""
     import os, sys
-    from mtllm_locally.learn.store import Store
-    from mtllm_locally.learn.registry import Registry
+    from mtllm_locally.state.store import Store
+    from mtllm_locally.state.registry import Registry
     v = Registry(Store(sys.argv[1])).reserve(sys.argv[2], "base@x", config={"policy": {}, "model_path": ""})
     print(v.adapter_id, flush=True)
     os._exit(0)  # no finish, no cleanup: as a process killed mid-training
@@ -229,7 +231,7 @@ def test_release_by_hand(tmp_path, capsys):
 
 
 def test_failure_between_reserving_and_starting_releases_the_reservation(tmp_path, tiny_model_path, monkeypatch):
-    from mtllm_locally.learn import loop, policy
+    from mtllm_locally.learn import trigger
 
     st = Store(tmp_path / "calls.sqlite3")
     fill_store(st, 12, "f:1")
@@ -237,9 +239,9 @@ def test_failure_between_reserving_and_starting_releases_the_reservation(tmp_pat
     def refuse(*a, **kw):
         raise OSError("no processes left")
 
-    monkeypatch.setattr(loop.subprocess, "Popen", refuse)
+    monkeypatch.setattr(trigger.subprocess, "Popen", refuse)
     with pytest.raises(OSError):
-        loop.start_training(st, loop.TaskRef("f:1", "f", tiny_model_path), policy.TaskPolicy())
+        trigger.start_training(st, trigger.TaskRef("f:1", "f", tiny_model_path), TaskPolicy())
     reg = Registry(st)
     (v,) = reg.versions("f:1")
     assert v.status == "failed" and "no processes left" in v.error and reg.training() is None
@@ -254,11 +256,10 @@ SLASH_TASK = "ns/classify:t"
 def trained(tmp_path_factory, tiny_model_path):
     """One real training, started with umask 022, of a task whose function name has a `/`,
     on a store in which a dead process left a reservation behind."""
-    from mtllm_locally.learn import policy
-    from mtllm_locally.learn.loop import TaskRef, start_training
+    from mtllm_locally.learn.trigger import TaskRef, start_training
 
     old_umask = os.umask(0o022)
-    policy.reset()
+    policy = Policy()
     policy.configure(min_new_examples=10, min_interval_s=0, threads=1, min_heldout=1, margin=-1.0,
                      train={"epochs": 1, "bf16": False, "learning_rate": 1e-2})
     try:
@@ -273,12 +274,11 @@ def trained(tmp_path_factory, tiny_model_path):
                              text=True, timeout=120)
         assert out.returncode == 0, out.stderr
         v, proc = start_training(st, TaskRef(SLASH_TASK, "ns/classify", tiny_model_path),
-                                 policy.policy_for("ns/classify"), wait=True)
+                                 policy.for_task("ns/classify"), wait=True)
         yield {"store": st, "root": root, "v": v, "proc": proc, "dead": out.stdout.strip()}
         st.close()
     finally:
         os.umask(old_umask)
-        policy.reset()
 
 
 def test_slash_in_function_name_trains_end_to_end(trained):

@@ -16,7 +16,6 @@ from .errors import (
     ModelLoadError,
     MtllmError,
     OverloadedError,
-    RequestCancelled,
     TemplateError,
 )
 
@@ -34,5 +33,14 @@ from .engine import (
     route_llama_logs_to_logging,
     silence_llama_logs,
 )
-from .learn.policy import configure as configure_learning
-from .serve.recorder import feedback
+
+# The loops (serve/, learn/) load only when one of these is used: an engine user pays for neither.
+_WIRED = ("feedback", "configure_learning", "register_provider", "runtime", "use_runtime")
+
+
+def __getattr__(name: str):
+    if name in _WIRED:
+        from . import wiring
+
+        return getattr(wiring, name)
+    raise AttributeError(f"module 'mtllm_locally' has no attribute {name!r}")

@@ -114,8 +114,11 @@ class ChatTemplate:
 
     def variables(self, messages: Iterable[Mapping[str, Any]], *, add_generation_prompt: bool = True,
                   tools: list[dict] | None = None, **extra: Any) -> dict[str, Any]:
-        """What the template sees: messages validated and normalized, plus the standard names."""
-        return dict(messages=normalize_messages(messages), add_generation_prompt=add_generation_prompt, tools=tools,
+        """What the template sees: messages validated and normalized, OpenAI tool traffic
+        adapted to what this template can render (`for_template`), plus the standard names.
+        Serving, the gate and training all encode through here, so they see the same prompt."""
+        msgs = for_template(normalize_messages(messages), tools, self.source)
+        return dict(messages=msgs, add_generation_prompt=add_generation_prompt, tools=tools,
                     bos_token=self.bos_token, eos_token=self.eos_token, **extra)
 
     def render(self, messages: Iterable[Mapping[str, Any]], *, add_generation_prompt: bool = True,
@@ -292,23 +295,30 @@ class PromptEncoder:
 def tool_call_text(call: dict, compact: bool = False) -> str:
     """An OpenAI tool call as the JSON object the model emits for it."""
     fn = call.get("function", {})
+    if not isinstance(fn, Mapping):
+        raise InvalidRequestError(f"a tool call's 'function' must be an object, not {type(fn).__name__}")
     args = fn.get("arguments", "{}")
     try:
         args = json.loads(args) if isinstance(args, str) else args
     except json.JSONDecodeError:
         pass
-    return json.dumps({"name": fn.get("name"), "arguments": args}, separators=(",", ":") if compact else None)
+    return json.dumps({"name": fn.get("name"), "arguments": args}, separators=(",", ":") if compact else None,
+                      default=str)
 
 
 def for_template(messages: list[dict], tools: list | None, template_source: str) -> list[dict]:
     """Make OpenAI tool traffic readable by templates that know only role + content:
     prior tool calls become the JSON the model emits, and the tools are described in
-    the system message when the template cannot render them."""
+    the system message when the template cannot render them. (`ChatTemplate.variables`
+    applies it: callers pass OpenAI-shaped messages.)"""
     out = []
-    for m in messages:
+    for i, m in enumerate(messages):
         m = dict(m)
-        if m.get("role") == "assistant" and m.get("tool_calls") and "tool_calls" not in template_source:
-            text = "\n".join(tool_call_text(c) for c in m["tool_calls"])
+        calls = m.get("tool_calls")
+        if calls is not None and (not isinstance(calls, list) or not all(isinstance(c, Mapping) for c in calls)):
+            raise InvalidRequestError(f"message {i}: tool_calls must be a list of objects")
+        if m.get("role") == "assistant" and calls and "tool_calls" not in template_source:
+            text = "\n".join(tool_call_text(c) for c in calls)
             m["content"] = ((m.get("content") or "") + ("\n" if m.get("content") else "") + text)
             m.pop("tool_calls")
         if m.get("role") == "tool" and "tool" not in template_source:
@@ -316,12 +326,24 @@ def for_template(messages: list[dict], tools: list | None, template_source: str)
                                             f"{m.get('content') if isinstance(m.get('content'), str) else json.dumps(m.get('content'))}"}
         out.append(m)
     if tools and "tools" not in template_source:
-        desc = "\n".join(json.dumps({"name": t["function"]["name"], "description": t["function"].get("description", ""),
-                                     "parameters": t["function"].get("parameters", {})}) for t in tools)
+        desc = "\n".join(json.dumps({"name": fn["name"], "description": fn.get("description", ""),
+                                     "parameters": fn.get("parameters", {})}) for fn in _functions(tools))
         note = ("You can call one of these tools by answering with a JSON object "
                 '{"name": <tool name>, "arguments": {...}}:\n' + desc)
         if out and out[0].get("role") == "system":
             out[0] = dict(out[0], content=f"{out[0].get('content') or ''}\n\n{note}")
         else:
             out.insert(0, {"role": "system", "content": note})
+    return out
+
+
+def _functions(tools: Any) -> list[Mapping[str, Any]]:
+    if not isinstance(tools, list):
+        raise InvalidRequestError(f"tools must be a list, not {type(tools).__name__}")
+    out = []
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, Mapping) else None
+        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
+            raise InvalidRequestError(f"tool {i} must be {{'type': 'function', 'function': {{'name': ..., ...}}}}")
+        out.append(fn)
     return out

@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 def _store(args):
-    from .learn.store import Store
+    from .state.store import Store
 
     return Store(args.store)
 
@@ -58,15 +58,16 @@ def _print(obj, as_json: bool) -> None:
 
 def cmd_status(args) -> int:
     from .learn.dataset import split, task_examples
-    from .learn.policy import policy_for
-    from .learn.registry import Registry
+    from .state.policy import Policy
+    from .state.registry import Registry
 
     store = _store(args)
     reg = Registry(store)
     training = reg.training()
+    policies = Policy()
     out = []
     for t in store.tasks():
-        policy = policy_for(t["function"])
+        policy = policies.for_task(t["function"])
         train, held = split(task_examples(store, t["task_key"], heldout_percent=policy.heldout_percent,
                                           train_on=policy.train_on))
         versions = reg.versions(t["task_key"])
@@ -111,17 +112,17 @@ def cmd_feedback(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .learn.loop import TaskRef, start_training
-    from .learn.policy import policy_for
+    from .learn.trigger import TaskRef, start_training
+    from .state.policy import Policy
 
     store = _store(args)
     task = _resolve_task(store, args.task)
     ref = TaskRef(task["task_key"], task["function"], _model_path(store, task, args.model))
-    v, proc = start_training(store, ref, policy_for(task["function"]))
+    v, proc = start_training(store, ref, Policy().for_task(task["function"]))
     print(f"training {v.adapter_id} (pid {proc.pid}); log in {store.path.parent / 'logs'}")
     if args.wait:
         proc.wait()
-        from .learn.registry import Registry, describe
+        from .state.registry import Registry, describe
 
         _print(describe(Registry(store).get(v.adapter_id)), args.json)
         return 0 if proc.returncode == 0 else 1
@@ -132,12 +133,12 @@ def cmd_eval(args) -> int:
     from . import Engine, models
     from .learn.dataset import split, task_examples
     from .learn.gate import evaluate
-    from .learn.policy import policy_for
-    from .learn.registry import Registry
+    from .state.policy import Policy
+    from .state.registry import Registry
 
     store = _store(args)
     task = _resolve_task(store, args.task)
-    policy = policy_for(task["function"])
+    policy = Policy().for_task(task["function"])
     path = _model_path(store, task, args.model)
     _, held = split(task_examples(store, task["task_key"], heldout_percent=policy.heldout_percent,
                                   train_on=policy.train_on))
@@ -159,7 +160,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_promote(args) -> int:
-    from .learn.registry import Registry
+    from .state.registry import Registry
 
     Registry(_store(args)).promote(args.adapter_id, note=f"manual promote at {time.ctime()}")
     print(f"{args.adapter_id} now serves its task")
@@ -168,7 +169,7 @@ def cmd_promote(args) -> int:
 
 def cmd_rollback(args) -> int:
     from . import models
-    from .learn.registry import Registry
+    from .state.registry import Registry
 
     store = _store(args)
     task = _resolve_task(store, args.task)
@@ -179,7 +180,7 @@ def cmd_rollback(args) -> int:
 
 
 def cmd_release(args) -> int:
-    from .learn.registry import Registry
+    from .state.registry import Registry
 
     adapter_id = Registry(_store(args)).release(args.adapter_id, force=args.force)
     print(f"{adapter_id} released (marked failed); trainings may start again")
@@ -189,8 +190,8 @@ def cmd_release(args) -> int:
 def cmd_export(args) -> int:
     import shutil
 
-    from .learn.registry import Registry
-    from .learn.store import make_private
+    from .state.registry import Registry
+    from .state.files import make_private
 
     v = Registry(_store(args)).get(args.adapter_id)
     src = v.gguf_path if args.format == "gguf" else Path(v.path) / "peft"
@@ -215,8 +216,8 @@ def cmd_export(args) -> int:
 
 def cmd_plot(args) -> int:
     from .learn.plot import plot_versions
-    from .learn.registry import Registry
-    from .learn.store import make_private
+    from .state.registry import Registry
+    from .state.files import make_private
 
     out = plot_versions(Registry(_store(args)), args.out)
     make_private(out)  # task names and scores of the user's program

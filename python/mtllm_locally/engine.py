@@ -30,7 +30,6 @@ from .errors import (
     EngineClosedError,
     EngineError,
     InvalidRequestError,
-    RequestCancelled,
 )
 
 log = logging.getLogger("mtllm_locally")
@@ -314,6 +313,48 @@ class _AsyncPump:
                 pass
 
 
+class AsyncRequest:
+    """A submitted request awaited from asyncio: iterate it for chunks, then
+    `completion()`. Leaving it (`async with`, or `aclose`) unfinished cancels it."""
+
+    def __init__(self, request: Request, pump: _AsyncPump, loop: asyncio.AbstractEventLoop):
+        self.request = request
+        self._pump = pump
+        self._event = asyncio.Event()
+        pump.register(request.id, loop, self._event)
+
+    async def __aenter__(self) -> "AsyncRequest":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.aclose()
+
+    def aclose(self) -> None:
+        self._pump.unregister(self.request.id)
+        if not self.request._done:  # a cancelled task or a consumer that stopped early
+            self.request.cancel()
+
+    def __aiter__(self) -> AsyncIterator[StreamChunk]:
+        return self._chunks()
+
+    async def _chunks(self) -> AsyncIterator[StreamChunk]:
+        req = self.request
+        while not req._done:
+            self._event.clear()  # before take(0): a wake-up after it is never lost
+            chunk = req._absorb(*req._native.take(0))
+            if chunk is not None:
+                yield chunk
+            elif not req._done:
+                await self._event.wait()
+        req._raise_if_failed()
+
+    def completion(self) -> Completion:
+        """The finished request's record (raises what the engine raised for it)."""
+        if not self.request._done:
+            raise RuntimeError("completion() before the request finished; iterate it first")
+        return self.request._completion()
+
+
 class Engine:
     """A model plus its serving loop. Thread-safe; share one per process."""
 
@@ -457,41 +498,23 @@ class Engine:
                 self._pump = _AsyncPump(self._native)
             return self._pump
 
-    def _async_submit(self, prompt, kw) -> tuple[Request, asyncio.Event, _AsyncPump]:
-        pump = self._async_pump()
+    def asubmit(self, prompt=None, **kw) -> "AsyncRequest":
+        """`submit` for asyncio: `async for chunk in req`, then `req.completion()`.
+        Call it from the event loop that will await it."""
+        loop = asyncio.get_running_loop()  # first: outside a loop nothing is queued
         req = self.submit(prompt, _notify=True, **kw)
-        event = asyncio.Event()
-        pump.register(req.id, asyncio.get_running_loop(), event)
-        return req, event, pump
+        return AsyncRequest(req, self._async_pump(), loop)
 
     async def astream(self, prompt=None, **kw) -> AsyncIterator[StreamChunk]:
-        req, event, pump = self._async_submit(prompt, kw)
-        try:
-            while not req._done:
-                event.clear()  # before take(0): a wake-up after it is never lost
-                chunk = req._absorb(*req._native.take(0))
-                if chunk is not None:
-                    yield chunk
-                elif not req._done:
-                    await event.wait()
-            req._raise_if_failed()
-        finally:
-            pump.unregister(req.id)
-            if not req._done:  # cancelled task or consumer stopped early
-                req.cancel()
+        async with self.asubmit(prompt, **kw) as req:
+            async for chunk in req:
+                yield chunk
 
     async def agenerate(self, prompt=None, **kw) -> Completion:
-        req, event, pump = self._async_submit(prompt, kw)
-        try:
-            while not req._done:
-                event.clear()
-                if req._absorb(*req._native.take(0)) is None and not req._done:
-                    await event.wait()
-            return req._completion()
-        finally:
-            pump.unregister(req.id)
-            if not req._done:
-                req.cancel()
+        async with self.asubmit(prompt, **kw) as req:
+            async for _ in req:
+                pass
+            return req.completion()
 
     # ---------------------------------------------------------------- adapters
     def load_adapter(self, path: str | os.PathLike) -> int:

@@ -40,6 +40,3 @@ class EngineError(MtllmError):
 class TemplateError(MtllmError, ValueError):
     """The model's chat template failed to render (or tried something unsafe)."""
 
-
-class RequestCancelled(MtllmError):
-    """Raised by result() of a request that was cancelled."""

@@ -106,7 +106,7 @@ def resolve(model: str | os.PathLike | None, *, fast_default: bool = True) -> Pa
 
 
 @functools.lru_cache(maxsize=16)
-def _fingerprint(path: str, size: int, mtime_ns: int) -> str:
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -119,4 +119,4 @@ def fingerprint(path: str | os.PathLike) -> str:
     trained for, registered under and deployed to exactly this base."""
     p = Path(path).resolve()
     st = p.stat()
-    return f"{p.stem}@{_fingerprint(str(p), st.st_size, st.st_mtime_ns)[:16]}"
+    return f"{p.stem}@{_file_sha256(str(p), st.st_size, st.st_mtime_ns)[:16]}"

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from .. import models
-from ..learn.store import Store
+from ..state.store import Store
 
 GOALS = {"jac_wall_speedup": ">= 10", "typed_parse_rate": "= 1.0"}
 PROGRAM = Path(__file__).with_name("jac_program.jac")

@@ -24,8 +24,8 @@ from pathlib import Path
 from .. import Engine, models
 from ..learn.dataset import Example
 from ..learn.gate import evaluate
-from ..learn.registry import Registry
-from ..learn.store import Store
+from ..state.registry import Registry
+from ..state.store import Store
 from .oracle import PRODUCTS
 from .train import dataset
 

@@ -1,2 +1,5 @@
-"""The learning loop: what was served (the store) becomes adapters (later milestones).
-learn/ never imports serve/: the two loops meet only at the store and at deploy."""
+"""The learning loop: captured calls (state/) become adapters. dataset -> trainer ->
+export -> gate -> registry (state/), started by the trigger, run by the worker.
+
+learn/ never imports serve/: the two loops meet at the store (state/), and are wired
+together in one place (wiring.py)."""

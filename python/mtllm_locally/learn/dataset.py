@@ -13,13 +13,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 from ..chat import tool_call_text
-from .store import Store
+from ..state.store import Store
 
 # Which example wins when one input was seen several times.
-_RANK = {"corrected": 3, "confirmed": 2, "teacher": 1, "model": 0}
+RANK = MappingProxyType({"corrected": 3, "confirmed": 2, "teacher": 1, "model": 0})
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def task_examples(store: Store, task_key: str, *, heldout_percent: int = 20, tra
             ex = Example(inv, key, messages, tools, response_format, completion, label, call["created_at"],
                          is_heldout(key, heldout_percent))
             old = best.get(key)
-            if old is None or (_RANK[ex.label], ex.created_at) >= (_RANK[old.label], old.created_at):
+            if old is None or (RANK[ex.label], ex.created_at) >= (RANK[old.label], old.created_at):
                 best[key] = ex
     return sorted(best.values(), key=lambda e: e.created_at)
 
@@ -144,4 +145,4 @@ def snapshot(examples: list[Example]) -> dict:
     digest = hashlib.sha256("".join(e.input_key + e.completion for e in examples).encode()).hexdigest()[:16]
     return {"n_train": len(train), "n_heldout": len(heldout), "sha256": digest,
             "newest_call": max((e.created_at for e in examples), default=None),
-            "labels": {k: sum(e.label == k for e in examples) for k in _RANK}}
+            "labels": {k: sum(e.label == k for e in examples) for k in RANK}}

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from .store import make_private
+from ..state.files import make_private
 from .torch_llama import HF_TO_GGUF, LlamaConfig, permute_qk
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -14,7 +14,6 @@ import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ..chat import for_template
 from ..engine import Engine
 from ..errors import MtllmError
 from .dataset import Example
@@ -58,7 +57,7 @@ def evaluate(engine: Engine, examples: Sequence[Example], adapters: Sequence[tup
         raise ValueError("nothing to evaluate")
     reqs = []
     for ex in examples:
-        kw: dict[str, Any] = {"messages": for_template(ex.messages, ex.tools, engine.chat_template.source),
+        kw: dict[str, Any] = {"messages": ex.messages,
                               "temperature": 0.0, "adapters": list(adapters),
                               "max_tokens": min(1024, len(engine.tokenize(ex.completion, add_special=False)) + 32)}
         if ex.response_format:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .registry import Registry
+from ..state.registry import Registry
 
 
 def plot_versions(registry: Registry, out: str | Path, *, timeline: list[dict] | None = None,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import gguf
 import numpy as np
@@ -271,13 +272,13 @@ def _tensor(t) -> np.ndarray:
     return np.asarray(arr, dtype=np.float32).reshape(tuple(int(d) for d in reversed(t.shape)))
 
 
-GGUF_TO_HF = {
+GGUF_TO_HF = MappingProxyType({
     "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
-}
-HF_TO_GGUF = {v: k for k, v in GGUF_TO_HF.items()}
+})
+HF_TO_GGUF = MappingProxyType({v: k for k, v in GGUF_TO_HF.items()})
 
 
 def gguf_reader(path: str | Path) -> gguf.GGUFReader:

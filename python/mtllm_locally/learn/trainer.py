@@ -32,7 +32,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 
 from .. import _engine, models, vetting
-from ..chat import ChatTemplate, PromptEncoder, for_template, read_template_source
+from ..chat import ChatTemplate, PromptEncoder, read_template_source
 from ..errors import InvalidRequestError, MtllmError
 from . import export
 from .lora_linear import use_fused_forward
@@ -94,7 +94,7 @@ class TrainResult:
 CHECKPOINT_FILE = "trainer-state.pt"
 
 
-def _fingerprint(base_path: str, data: list["Example"], config: "TrainConfig") -> str:
+def checkpoint_key(base_path: str, data: list["TokenizedExample"], config: "TrainConfig") -> str:
     """What a checkpoint is valid for: the base file, the token ids, the config (threads aside)."""
     h = hashlib.sha256(b"trainer-state v1")  # the file's layout: bump when it changes
     st = os.stat(base_path)
@@ -109,24 +109,24 @@ def _fingerprint(base_path: str, data: list["Example"], config: "TrainConfig") -
 class Checkpoint:
     """The trainer's state in one file, replaced atomically: a crash mid-write leaves the previous one."""
 
-    def __init__(self, directory: str | Path, fingerprint: str):
+    def __init__(self, directory: str | Path, key: str):
         self.path = Path(directory) / CHECKPOINT_FILE
-        self.fingerprint = fingerprint
+        self.key = key
 
     def load(self) -> dict | None:
-        """The saved state if it was saved for this run's fingerprint, else None (it will be overwritten)."""
+        """The saved state if it was saved for this run's key, else None (it will be overwritten)."""
         if not self.path.exists():
             return None
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception:
             return None  # unreadable (not ours, or truncated by a full disk): start over
-        return state if isinstance(state, dict) and state.get("fingerprint") == self.fingerprint else None
+        return state if isinstance(state, dict) and state.get("fingerprint") == self.key else None
 
     def save(self, state: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        torch.save({**state, "fingerprint": self.fingerprint}, tmp)
+        torch.save({**state, "fingerprint": self.key}, tmp)  # the field keeps its v1 name
         os.replace(tmp, self.path)
 
     def remove(self) -> None:
@@ -134,7 +134,7 @@ class Checkpoint:
 
 
 @dataclass
-class Example:
+class TokenizedExample:
     prompt_ids: list[int]
     completion_ids: list[int]
     frozen: torch.Tensor | None = None  # output of the frozen lower blocks (T, E), computed once
@@ -155,12 +155,11 @@ class Tokenization:
         self.end = self.model.eot if self.model.eot >= 0 else self.model.eos
 
     def prompt_ids(self, messages: Sequence[Mapping[str, Any]], tools: list | None = None) -> list[int]:
-        """As the provider serves them: OpenAI tool traffic adapted to the template first."""
-        msgs = for_template(list(messages), tools, self.template.source)
-        return self.encoder.encode(msgs, add_generation_prompt=True, tools=tools)
+        """Exactly as served: the engine's encoder (which adapts OpenAI tool traffic to the template)."""
+        return self.encoder.encode(messages, add_generation_prompt=True, tools=tools)
 
-    def example(self, messages, completion: str, tools: list | None = None) -> Example:
-        return Example(self.prompt_ids(messages, tools), self.model.tokenize(completion, False, False) + [self.end])
+    def example(self, messages, completion: str, tools: list | None = None) -> TokenizedExample:
+        return TokenizedExample(self.prompt_ids(messages, tools), self.model.tokenize(completion, False, False) + [self.end])
 
 
 def _bf16_available() -> bool:
@@ -171,7 +170,7 @@ def _bf16_available() -> bool:
         return False
 
 
-def _batches(examples: list[Example], batch_size: int, rng: random.Random) -> list[list[Example]]:
+def _batches(examples: list[TokenizedExample], batch_size: int, rng: random.Random) -> list[list[TokenizedExample]]:
     """Length buckets: similar lengths together (little padding), bucket order shuffled."""
     order = sorted(range(len(examples)), key=lambda i: (len(examples[i].prompt_ids) + len(examples[i].completion_ids),
                                                         rng.random()))
@@ -180,7 +179,7 @@ def _batches(examples: list[Example], batch_size: int, rng: random.Random) -> li
     return batches
 
 
-def _padded(batch: list[Example], pad_id: int, inputs_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def _padded(batch: list[TokenizedExample], pad_id: int, inputs_only: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded token ids and their mask. `inputs_only` leaves out each sequence's last
     token: it is only ever a target (nothing attends to it, no loss is computed at it)."""
     seqs = [(e.prompt_ids + e.completion_ids)[: -1 if inputs_only else None] for e in batch]
@@ -193,7 +192,7 @@ def _padded(batch: list[Example], pad_id: int, inputs_only: bool = False) -> tup
     return ids, mask
 
 
-def cache_frozen_layers(model: LlamaForCausalLM, data: list[Example], first_trained: int, batch_size: int) -> None:
+def cache_frozen_layers(model: LlamaForCausalLM, data: list[TokenizedExample], first_trained: int, batch_size: int) -> None:
     """Run the blocks below the first LoRA block once per example and keep the result:
     they are frozen, so every epoch would compute the same thing."""
     with torch.no_grad():
@@ -208,7 +207,7 @@ def cache_frozen_layers(model: LlamaForCausalLM, data: list[Example], first_trai
 MIN_SHARED_PREFIX = 8  # below this the bookkeeping costs more than it saves
 
 
-def shared_prefix_length(batch: list[Example]) -> int:
+def shared_prefix_length(batch: list[TokenizedExample]) -> int:
     """Tokens every prompt of the batch starts with, leaving each at least its last
     prompt token (the first loss position) in its own part."""
     if len(batch) < 2:
@@ -223,7 +222,7 @@ def shared_prefix_length(batch: list[Example]) -> int:
     return n if n >= MIN_SHARED_PREFIX else 0
 
 
-def completion_loss(model: LlamaForCausalLM, batch: list[Example], pad_id: int = 0,
+def completion_loss(model: LlamaForCausalLM, batch: list[TokenizedExample], pad_id: int = 0,
                     first_trained: int = 0, share_prefix: bool = True) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over completion tokens; logits only at those positions."""
     ids, mask = _padded(batch, pad_id, inputs_only=True)
@@ -254,7 +253,7 @@ def completion_loss(model: LlamaForCausalLM, batch: list[Example], pad_id: int =
 
 
 def prepare_examples(tok: Tokenization, examples: Iterable[Mapping[str, Any]], max_length: int,
-                     n_ctx: int = 0) -> list[Example]:
+                     n_ctx: int = 0) -> list[TokenizedExample]:
     out = []
     for i, ex in enumerate(examples):
         if not isinstance(ex, Mapping) or "messages" not in ex or "completion" not in ex:
@@ -328,7 +327,7 @@ def train(model_path: str | Path | None, examples: Iterable[Mapping[str, Any]], 
         return min(1.0, (s + 1) / max(1, total // 10)) * decay
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    ckpt = Checkpoint(checkpoint_dir, _fingerprint(path, data, config)) if checkpoint_dir is not None else None
+    ckpt = Checkpoint(checkpoint_dir, checkpoint_key(path, data, config)) if checkpoint_dir is not None else None
     step, tokens, losses, elapsed = 0, 0, [], 0.0
     state = ckpt.load() if ckpt is not None else None
     if state is not None:

@@ -27,10 +27,11 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
+from ..state.files import make_private, private_dir, private_open
+from ..state.policy import TaskPolicy
+from ..state.registry import HEARTBEAT_S, AdapterVersion, Registry, RegistryError
+from ..state.store import Store
 from .dataset import snapshot, split, task_examples
-from .policy import TaskPolicy
-from .registry import HEARTBEAT_S, AdapterVersion, Registry, RegistryError
-from .store import Store, make_private, private_dir, private_open
 
 
 def loop_train_config(policy: TaskPolicy):
@@ -57,8 +58,8 @@ def run_job(store: Store, adapter_id: str, *, progress: bool = False, log=print)
     staging = checkpoint_dir = None
     try:
         v = registry.get(adapter_id)
-        policy = TaskPolicy(**v.config["policy"])
-        model_path = v.config["model_path"]
+        policy = v.policy
+        model_path = v.model_path
         examples = task_examples(store, v.task_key, heldout_percent=policy.heldout_percent,
                                  train_on=policy.train_on, until=v.created_at)
         train_set, heldout = split(examples)

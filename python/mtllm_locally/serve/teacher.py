@@ -9,92 +9,55 @@ same input, so the store also shows how far the student is from the teacher.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import litellm
 
-from ..learn.policy import TaskPolicy, policy_for
-from . import recorder
+from ..state.policy import TaskPolicy
+from .router import Route
 
-PASSED_THROUGH = ("max_tokens", "max_completion_tokens", "stop", "seed", "top_p")
-
-
-def teacher_for(call) -> TaskPolicy | None:
-    if not call.function:
-        return None
-    p = policy_for(call.function)
-    if not p.teacher:
-        return None
-    if call.route.adapter_id is not None and (call.route.score or 0.0) >= p.teacher_until:
-        return None
-    return p
+PASSED_THROUGH = ("max_tokens", "stop", "seed", "top_p")
 
 
-def _kwargs(call, optional_params: dict) -> dict:
-    kw: dict[str, Any] = {"messages": call.messages, "temperature": call.temperature}
-    if call.kw.get("response_format"):
-        kw["response_format"] = call.kw["response_format"]
-    if call.tools:
-        kw["tools"] = call.tools
-        kw["tool_choice"] = call.kw.get("tool_choice", "auto")
+def needed(policy: TaskPolicy, route: Route) -> bool:
+    if not policy.teacher:
+        return False
+    return route.adapter_id is None or (route.score or 0.0) < policy.teacher_until
+
+
+def request(messages: list, temperature: float, response_format: Any, tools: list | None, tool_choice: Any,
+            sampling: dict) -> dict:
+    """The teacher's LiteLLM keywords: the call as the program made it (OpenAI shapes)."""
+    kw: dict[str, Any] = {"messages": messages, "temperature": temperature}
+    if response_format:
+        kw["response_format"] = response_format
+    if tools:
+        kw["tools"] = tools
+        kw["tool_choice"] = tool_choice
     for k in PASSED_THROUGH:
-        if optional_params.get(k) is not None:
-            kw[k] = optional_params[k]
+        if sampling.get(k) is not None:
+            kw[k] = list(sampling[k]) if k == "stop" else sampling[k]
     return kw
 
 
-def answer(call, policy: TaskPolicy, optional_params: dict, shadow_requests: list):
-    token = recorder.suppressed.set(True)
-    try:
-        response = litellm.completion(model=policy.teacher, **_kwargs(call, optional_params))
-    finally:
-        recorder.suppressed.reset(token)
-    shadow = []
-    for r in shadow_requests:
-        try:
-            shadow.append(r.result())
-        except Exception:  # the shadow never fails the call
-            pass
-    record(call, policy, response, shadow)
-    return response
+def ask(policy: TaskPolicy, kw: dict):
+    return litellm.completion(model=policy.teacher, **kw)
 
 
-async def aanswer(call, policy: TaskPolicy, optional_params: dict):
-    token = recorder.suppressed.set(True)
-    try:
-        return await litellm.acompletion(model=policy.teacher, **_kwargs(call, optional_params))
-    finally:
-        recorder.suppressed.reset(token)
+async def aask(policy: TaskPolicy, kw: dict):
+    return await litellm.acompletion(model=policy.teacher, **kw)
 
 
-def record(call, policy: TaskPolicy, response, shadow: list) -> None:
-    msg = response.choices[0].message
+def reply_of(response) -> tuple[str | None, list[dict] | None, str, int, int]:
+    """(text, tool calls, finish reason, prompt tokens, completion tokens) of a LiteLLM response."""
+    choice = response.choices[0]
+    msg = choice.message
     tool_calls = None
     if getattr(msg, "tool_calls", None):
         tool_calls = [tc.model_dump() if hasattr(tc, "model_dump") else dict(tc) for tc in msg.tool_calls]
         for tc in tool_calls:
             tc.pop("index", None)
     usage = getattr(response, "usage", None)
-    recorder.record_turn(
-        metadata=call.metadata, task=call.task, model=policy.teacher, messages=call.messages,
-        response_format=call.kw.get("response_format"), tools=call.tools,
-        output_text=None if tool_calls else msg.content, tool_calls=tool_calls,
-        finish_reason="tool_calls" if tool_calls else (response.choices[0].finish_reason or "stop"),
-        latency_ms=1000 * (time.perf_counter() - call.started),
-        prompt_tokens=getattr(usage, "prompt_tokens", 0) or 0,
-        completion_tokens=getattr(usage, "completion_tokens", 0) or 0, cached_tokens=0,
-        temperature=call.temperature, adapter=call.route.adapter_id, source=f"teacher:{policy.teacher}",
-        shadow_output=shadow[0].text if shadow else None, model_path=call.engine.info.path)
-
-
-def shadow_agreement(rows: list[dict]) -> float | None:
-    """Fraction of teacher-answered turns where the student's shadow answer matched."""
-    from ..learn.gate import field_score
-
-    pairs = [(r["shadow_output"], r["output_text"] or r["tool_calls_json"]) for r in rows
-             if r.get("shadow_output") is not None]
-    if not pairs:
-        return None
-    return sum(field_score(s, t)[0] for s, t in pairs if t is not None) / len(pairs)
-
+    finish = "tool_calls" if tool_calls else (choice.finish_reason or "stop")
+    return (None if tool_calls else msg.content, tool_calls, finish,
+            getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0)

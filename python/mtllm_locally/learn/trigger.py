@@ -1,6 +1,7 @@
 """The learning loop's trigger: decides when a task trains, and starts the training
-process. Runs as one daemon thread in the serving program, woken after each
-captured call; works the same from the CLI (`train`) without a running program.
+process. Runs as one daemon thread in the serving program, woken by the runtime's
+on-call hook (wiring.py subscribes it); works the same from the CLI (`train`)
+without a running program.
 
     due?  >= policy.min_new_examples new examples since the task's last training,
           no training running on this store (any process), min_interval_s since the
@@ -17,14 +18,16 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import models
 from .dataset import task_examples
-from .policy import TaskPolicy, policy_for
-from .registry import AdapterVersion, Registry, RegistryError, task_dirname
-from .store import Store, private_dir, private_open
+from ..state.files import private_dir, private_open
+from ..state.policy import Policy, TaskPolicy
+from ..state.registry import AdapterVersion, Registry, RegistryError
+from ..state.store import Store
+from ..state.task import task_dirname
 
 log = logging.getLogger("mtllm_locally.learn")
 
@@ -69,8 +72,7 @@ def start_training(store: Store, ref: TaskRef, policy: TaskPolicy, *, wait: bool
     before the worker holds the reservation releases it (marked failed)."""
     registry = Registry(store)
     base = models.fingerprint(ref.model_path)
-    v = registry.reserve(ref.task_key, base, config={"policy": asdict(policy), "model_path": ref.model_path,
-                                                     "function": ref.function})
+    v = registry.reserve(ref.task_key, base, policy=policy, model_path=ref.model_path, function=ref.function)
     try:
         log_dir = private_dir(log_dir or store.path.parent / "logs")
         env = dict(os.environ)
@@ -93,8 +95,9 @@ def start_training(store: Store, ref: TaskRef, policy: TaskPolicy, *, wait: bool
 class Learner:
     """The trigger, in a daemon thread of the serving process."""
 
-    def __init__(self, store: Store, poll_s: float = 5.0):
+    def __init__(self, store: Store, policy: Policy, poll_s: float = 5.0):
         self.store = store
+        self.policy = policy
         self.registry = Registry(store)
         self.poll_s = poll_s
         self._tasks: dict[str, TaskRef] = {}
@@ -125,7 +128,7 @@ class Learner:
         with self._lock:
             refs = list(self._tasks.values())
         for ref in refs:
-            policy = policy_for(ref.function)
+            policy = self.policy.for_task(ref.function)
             try:
                 ok, why = due(self.store, self.registry, ref, policy)
                 if ok:

@@ -9,10 +9,8 @@ the pointer only ever names a complete adapter.
 
     <store dir>/adapters/<task dir>/v<N>/adapter.gguf, peft/, manifest.json, data.jsonl
 
-`task_dirname` is the one mapping from a task key (any text: a Jac function name
-may hold `/`, `..`, anything) to its directory: a readable slug plus a hash of the
-whole key, so it never escapes `adapters/` and two tasks never share a directory.
-Each row stores its path, so versions made under an older layout keep theirs.
+A task's directory is `task.task_dirname(task_key)`; each row stores its path, so
+versions made under an older layout keep theirs.
 
 A reservation records its owner (host, pid, the process's boot id and start time, a
 heartbeat the training process renews). One whose owner is dead, or silent for
@@ -22,19 +20,20 @@ wedged training never blocks the store; `mtllm-locally release` clears one by ha
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import MtllmError
-from .store import Store, make_private, private_dir
+from .files import make_private, private_dir
+from .policy import TaskPolicy
+from .store import Store
+from .task import task_dirname
 
 
 class RegistryError(MtllmError):
@@ -69,6 +68,20 @@ class AdapterVersion:
     def score(self) -> float | None:
         return self.metrics.get("candidate_score")
 
+    # What a training was started with (`config`, written by `Registry.reserve`).
+    @property
+    def policy(self) -> TaskPolicy:
+        return TaskPolicy(**self.config.get("policy", {}))
+
+    @property
+    def model_path(self) -> str | None:
+        return self.config.get("model_path")
+
+    @property
+    def training_threads(self) -> int:
+        """Cores this training holds while it runs (a budget of 0 means all of them)."""
+        return max(1, self.policy.threads or (os.cpu_count() or 1))
+
     @classmethod
     def from_row(cls, r: dict) -> "AdapterVersion":
         return cls(adapter_id=r["adapter_id"], task_key=r["task_key"], version=r["version"], base=r["base"],
@@ -79,20 +92,8 @@ class AdapterVersion:
                    heartbeat_at=r.get("heartbeat_at"))
 
 
-SLUG_MAX = 40           # readable part of a task directory's name; the hash keeps it unique
 STALE_AFTER_S = 600.0   # a training not heard from for this long is presumed wedged (it beats every 30 s)
 HEARTBEAT_S = 30.0
-
-
-def task_dirname(task_key: str) -> str:
-    """The directory name of a task's versions: `<slug of the function name>-<16 hex of
-    sha256(task key)>`. Lowercase [a-z0-9_-] only: no separator, never `.` or `..`, at
-    most 57 characters, and distinct keys (even ones differing only in case or in
-    characters the slug drops) get distinct names on case-insensitive file systems too."""
-    function = task_key.rsplit(":", 1)[0]
-    slug = re.sub(r"[^a-z0-9_]+", "-", function.lower()).strip("-_")[:SLUG_MAX].strip("-_") or "task"
-    digest = hashlib.sha256(task_key.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-    return f"{slug}-{digest}"
 
 
 def _host() -> str:
@@ -189,6 +190,16 @@ class Registry:
         rows = self.store.rows("SELECT adapter_id FROM deployments WHERE task_key=? AND base=?", (task_key, base))
         return self.get(rows[0]["adapter_id"]) if rows and rows[0]["adapter_id"] else None
 
+    def serving(self) -> dict[tuple[str, str], AdapterVersion]:
+        """(task, base) -> the version deployed for it, for every task an adapter serves."""
+        rows = self.store.rows("SELECT a.* FROM deployments d JOIN adapters a ON a.adapter_id=d.adapter_id")
+        return {(r["task_key"], r["base"]): AdapterVersion.from_row(r) for r in rows}
+
+    def trainings(self) -> list[AdapterVersion]:
+        """Reservations in training, as recorded (a read only: reclaiming is `reap`'s job)."""
+        return [AdapterVersion.from_row(r) for r in self.store.rows(
+            "SELECT * FROM adapters WHERE status='training' ORDER BY created_at")]
+
     def deployments(self) -> list[dict]:
         return self.store.rows("SELECT * FROM deployments ORDER BY task_key")
 
@@ -208,10 +219,20 @@ class Registry:
         return rows[0]["t"] or 0.0
 
     # ------------------------------------------------------------------ training lifecycle
-    def reserve(self, task_key: str, base: str, *, config: dict | None = None, pid: int | None = None) -> AdapterVersion:
+    def reserve(self, task_key: str, base: str, *, config: dict | None = None, pid: int | None = None,
+                policy: TaskPolicy | None = None, model_path: str | None = None,
+                function: str | None = None) -> AdapterVersion:
         """Claim the next version number for a training; refused while another training
         is alive on this store (one training at a time, across processes). A reservation
-        whose owner is gone is reclaimed here first."""
+        whose owner is gone is reclaimed here first. `policy`, `model_path` and `function`
+        are what the training runs with (kept in `config`, read back as properties)."""
+        config = dict(config or {})
+        if policy is not None:
+            config["policy"] = asdict(policy)
+        if model_path is not None:
+            config["model_path"] = str(model_path)
+        if function is not None:
+            config["function"] = function
         pid = pid or os.getpid()
         path = self.task_dir(task_key)
         with self.store.transaction() as db:
@@ -415,10 +436,6 @@ class Registry:
             db.execute("INSERT INTO deploy_log (task_key, base, action, adapter_id, previous, created_at, note) "
                        "VALUES (?,?,?,?,?,?,?)", (task_key, base, "rollback", target, current, time.time(), note))
         return target
-
-    def rolled_back(self, task_key: str, base: str) -> set[str]:
-        return {r["previous"] for r in self.store.rows(
-            "SELECT previous FROM deploy_log WHERE task_key=? AND base=? AND action='rollback'", (task_key, base))}
 
 
 def _fsync_tree(d: Path) -> None:

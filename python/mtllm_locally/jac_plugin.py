@@ -1,7 +1,8 @@
 """Jac plugin (entry point group `jac`): `jac run prog.jac` with
 `Model(model_name="mtllm_locally/default")` — or `default_model = "mtllm_locally/default"`
-under [plugins.byllm.model] in jac.toml — runs in-process, and every `by llm()` call
-is captured with byllm's verdict on it.
+under [plugins.byllm.model] in jac.toml — runs in-process, every `by llm()` call is
+captured with byllm's verdict on it, and the learning loop improves the program's
+functions (the process's runtime from wiring.py, which wires both loops).
 
 jaclang runs hooks last-registered-first and the first result wins, so a plugin
 registered before byllm would never run. Loading this module registers byllm's
@@ -14,7 +15,9 @@ import logging
 
 from jaclang.jac0core.runtime import hookimpl, plugin_manager
 
-from . import litellm_provider, recorder  # noqa: F401  (registers the LiteLLM provider)
+from .wiring import register_provider, runtime
+
+register_provider()
 
 log = logging.getLogger("mtllm_locally.jac")
 
@@ -47,10 +50,11 @@ def _verdict(mt_run, error: Exception | None) -> None:
     """Record byllm's verdict on the call (accepted, or the exception it raised)."""
     fn, inputs = _describe(mt_run)
     inv = getattr(mt_run, "_invocation_id", None)
-    recorder.finish_call(inv, accepted=error is None, inputs=inputs, function=fn,
-                         error=None if error is None else f"{type(error).__name__}: {error}")
+    rt = runtime()
+    rt.finish_call(inv, accepted=error is None, inputs=inputs, function=fn,
+                   error=None if error is None else f"{type(error).__name__}: {error}")
     if inv and error is None:
-        recorder.last_invocation.set(inv)
+        rt.last_invocation.set(inv)
 
 
 class JacRuntime:

@@ -1,0 +1,360 @@
+"""The call pipeline: every served call, whichever way it arrived, goes
+
+    prepare  (decoding policy: temperature, ReAct guard; the task; the engine)
+    route    (the task's deployed adapter, the base model, or a teacher)
+    run      (the engine: one request per choice; or the teacher, the student in shadow)
+    capture  (the store, then the runtime's subscribers)
+
+One core (`_core`): it decides, and asks a driver for each step that waits (a
+model load, the engine, the teacher, a store write). Two drivers run it: a blocking
+one in the caller's thread (`complete`, `stream`) and an asyncio one on the caller's
+event loop (`acomplete`, `astream`). The provider only translates shapes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
+
+from ..engine import Completion, Engine
+from ..errors import InvalidRequestError
+from ..state.task import task_key
+from . import react_guard, teacher
+from .router import BASE, Route
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+
+@dataclass(frozen=True)
+class CallRequest:
+    """One chat call as plain data (the provider translates LiteLLM's shapes into it)."""
+    model: str                              # "default", "default-q4_1" or a GGUF path
+    messages: list[dict]
+    sampling: dict = field(default_factory=dict)  # Engine.submit keywords: max_tokens, temperature, top_p, ...
+    response_format: Any = None
+    tools: list | None = None
+    tool_choice: Any = "auto"
+    n: int = 1
+    metadata: dict = field(default_factory=dict)  # byllm's: jac_caller_name, jac_invocation_id
+
+
+@dataclass(frozen=True)
+class Choice:
+    text: str | None                    # None when the answer is a tool call
+    tool_calls: list[dict] | None       # OpenAI tool calls
+    finish_reason: str                  # "stop" | "length" | "tool_calls" | "cancelled" (as the engine said)
+
+
+@dataclass(frozen=True)
+class Answer:
+    choices: list[Choice]
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    temperature: float
+    source: str                         # "model" or "teacher:<model>"
+    adapter: str | None
+    invocation_id: str | None           # the captured call (None: capture off or suppressed)
+    timings: dict = field(default_factory=dict)
+    teacher_response: Any = None        # the teacher's own LiteLLM response, returned as it is
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    text: str
+
+
+@dataclass
+class Call:
+    """A request prepared for running."""
+    request: CallRequest
+    function: str | None                # the Jac function (byllm's jac_caller_name)
+    task_key: str
+    engine: Engine
+    route: Route
+    temperature: float
+    tool_choice: Any
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def tools(self) -> list | None:
+        return self.request.tools
+
+    def submit_kwargs(self, i: int = 0) -> dict:
+        """Engine.submit keywords for choice `i`."""
+        req = self.request
+        kw = {**req.sampling, "messages": req.messages, "temperature": self.temperature,
+              "response_format": req.response_format}
+        if req.tools:
+            kw["tools"], kw["tool_choice"] = req.tools, self.tool_choice
+        if self.route.adapters:
+            kw["adapters"] = list(self.route.adapters)
+        if i > 0 and kw.get("seed") is not None:  # n > 1: distinct samples, still reproducible
+            kw["seed"] = (kw["seed"] + i) % (2**32 - 1)
+        return kw
+
+
+# The steps the core asks its driver to perform (the core itself does no I/O, so one
+# core serves the blocking and the asyncio entry points alike, with no event loop of
+# its own: a sync caller never gets a thread hop or an extra socketpair).
+@dataclass(frozen=True)
+class Blocking:         # a short blocking function (model load, routing, a store write)
+    fn: Any
+    args: tuple
+
+
+@dataclass(frozen=True)
+class Generate:         # run the call's choices to completion -> list[Completion]
+    call: Call
+
+
+@dataclass(frozen=True)
+class Stream:           # run choice 0, emitting its text unless `hold` -> [Completion]
+    call: Call
+    hold: bool
+
+
+@dataclass(frozen=True)
+class Teach:            # the teacher answers, the student in shadow -> (response, Completion | None)
+    call: Call
+    policy: Any
+
+
+@dataclass(frozen=True)
+class Emit:             # hand an event to the caller
+    event: TextDelta | Answer
+
+
+class CallPipeline:
+    def __init__(self, runtime: "Runtime"):
+        self.runtime = runtime
+
+    # ------------------------------------------------------------------ the core
+    def _core(self, request: CallRequest, stream: bool):
+        if stream and request.n != 1:
+            raise InvalidRequestError("n > 1 is not supported with stream=True")
+        call = yield Blocking(self.prepare, (request,))
+        policy = self.runtime.policy.for_task(call.function) if call.function else None
+        if policy is not None and teacher.needed(policy, call.route):
+            response, student = yield Teach(call, policy)
+            answer = yield Blocking(self._taught, (call, policy, response, student))
+            if stream and answer.choices[0].text and not call.tools:
+                yield Emit(TextDelta(answer.choices[0].text))
+        else:
+            # a tool call is sent whole at the end, so its text is held back
+            completions = yield (Stream(call, hold=bool(call.tools)) if stream else Generate(call))
+            answer = yield Blocking(self._served, (call, completions))
+        yield Emit(answer)
+
+    def prepare(self, request: CallRequest) -> Call:
+        rt = self.runtime
+        tool_choice = request.tool_choice
+        if request.tools:
+            tool_choice = react_guard.tool_choice_for(request.messages, request.tools, tool_choice,
+                                                      rt.settings.max_tool_turns)
+        typed = bool(request.response_format) or bool(request.tools and tool_choice != "none")
+        function = request.metadata.get("jac_caller_name")
+        requested = request.sampling.get("temperature")
+        temperature = float(requested) if requested is not None else 0.0
+        if function in rt.settings.task_temperature:
+            temperature = rt.settings.task_temperature[function]
+        elif typed and rt.settings.typed_temperature is not None:
+            temperature = rt.settings.typed_temperature
+        engine = rt.engines.get(request.model)
+        key = task_key(function, request.messages, request.response_format, request.tools)
+        route = rt.route(engine, key) if function else BASE
+        return Call(request, function, key, engine, route, temperature, tool_choice)
+
+    def _served(self, call: Call, completions: list[Completion]) -> Answer:
+        choices = [_choice(c, call.tools) for c in completions]
+        first = completions[0]
+        inv = self._capture(call, choices[0], source="model", prompt_tokens=first.prompt_tokens,
+                            completion_tokens=first.completion_tokens, cached_tokens=first.cached_tokens)
+        return Answer(choices=choices, prompt_tokens=first.prompt_tokens,
+                      completion_tokens=sum(c.completion_tokens for c in completions),
+                      cached_tokens=first.cached_tokens, temperature=call.temperature, source="model",
+                      adapter=call.route.adapter_id, invocation_id=inv, timings=first.timings)
+
+    def _taught(self, call: Call, policy, response, student: Completion | None) -> Answer:
+        text, tool_calls, finish, prompt_tokens, completion_tokens = teacher.reply_of(response)
+        choice = Choice(text, tool_calls, finish)
+        source = f"teacher:{policy.teacher}"
+        inv = self._capture(call, choice, source=source, prompt_tokens=prompt_tokens,
+                            completion_tokens=completion_tokens, cached_tokens=0, model=policy.teacher,
+                            shadow_output=student.text if student is not None else None)
+        return Answer(choices=[choice], prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                      cached_tokens=0, temperature=call.temperature, source=source, adapter=call.route.adapter_id,
+                      invocation_id=inv, teacher_response=response)
+
+    def _capture(self, call: Call, choice: Choice, *, source: str, prompt_tokens: int, completion_tokens: int,
+                 cached_tokens: int, model: str | None = None, shadow_output: str | None = None) -> str | None:
+        req = call.request
+        return self.runtime.record_turn(
+            invocation_id=req.metadata.get("jac_invocation_id"), task_key=call.task_key, function=call.function,
+            model=model or f"mtllm_locally/{req.model}", model_path=call.engine.info.path,
+            messages=req.messages, response_format=req.response_format, tools=req.tools,
+            output_text=choice.text, tool_calls=choice.tool_calls, finish_reason=choice.finish_reason,
+            latency_ms=1000 * (time.perf_counter() - call.started), prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens, cached_tokens=cached_tokens, temperature=call.temperature,
+            adapter=call.route.adapter_id, source=source, shadow_output=shadow_output)
+
+    def _teacher_kwargs(self, call: Call) -> dict:
+        req = call.request
+        return teacher.request(req.messages, call.temperature, req.response_format, req.tools, call.tool_choice,
+                               req.sampling)
+
+    def _emitted(self, step: Emit) -> TextDelta | Answer:
+        """An event for the caller; run in the caller's own context, so that after an
+        answer feedback() refers to this call."""
+        if isinstance(step.event, Answer) and step.event.invocation_id:
+            self.runtime.last_invocation.set(step.event.invocation_id)
+        return step.event
+
+    # ------------------------------------------------------------------ entry points
+    def complete(self, request: CallRequest) -> Answer:
+        return _answer_of(self._drive(self._core(request, stream=False)))
+
+    def stream(self, request: CallRequest) -> Iterator[TextDelta | Answer]:
+        return self._drive(self._core(request, stream=True))
+
+    async def acomplete(self, request: CallRequest) -> Answer:
+        answer = None
+        async for event in self._adrive(self._core(request, stream=False)):
+            answer = event
+        return answer
+
+    def astream(self, request: CallRequest) -> AsyncIterator[TextDelta | Answer]:
+        return self._adrive(self._core(request, stream=True))
+
+    # ------------------------------------------------------------------ the blocking driver
+    def _drive(self, core) -> Iterator[TextDelta | Answer]:
+        """Runs the core in the caller's thread; a consumer that stops early cancels the request."""
+        result, error = None, None
+        while (step := _advance(core, result, error)) is not None:
+            result, error = None, None
+            if isinstance(step, Emit):
+                yield self._emitted(step)
+                continue
+            try:
+                if isinstance(step, Blocking):
+                    result = step.fn(*step.args)
+                elif isinstance(step, Generate):
+                    reqs = [step.call.engine.submit(**step.call.submit_kwargs(i)) for i in range(step.call.request.n)]
+                    try:
+                        result = [r.result() for r in reqs]
+                    finally:
+                        _cancel_unfinished(reqs)
+                elif isinstance(step, Stream):
+                    req = step.call.engine.submit(**step.call.submit_kwargs(0))
+                    try:
+                        for chunk in req:
+                            if not step.hold:
+                                yield TextDelta(chunk.text)
+                        result = [req.result()]
+                    finally:
+                        _cancel_unfinished([req])
+                elif isinstance(step, Teach):
+                    result = self._teach(step.call, step.policy)
+            except Exception as e:  # back into the core, at the step that failed
+                error = e
+
+    def _teach(self, call: Call, policy) -> tuple[Any, Completion | None]:
+        shadow = call.engine.submit(**call.submit_kwargs(0)) if policy.shadow else None
+        token = self.runtime.suppressed.set(True)  # the teacher may be this very provider
+        try:
+            response = teacher.ask(policy, self._teacher_kwargs(call))
+        except BaseException:
+            _cancel_unfinished([shadow] if shadow is not None else [])
+            raise
+        finally:
+            self.runtime.suppressed.reset(token)
+        try:
+            student = shadow.result() if shadow is not None else None
+        except Exception:  # the shadow never fails the call
+            student = None
+        return response, student
+
+    # ------------------------------------------------------------------ the asyncio driver
+    async def _adrive(self, core) -> AsyncIterator[TextDelta | Answer]:
+        """Runs the core on the caller's event loop; blocking steps go to a worker thread."""
+        result, error = None, None
+        while (step := _advance(core, result, error)) is not None:
+            result, error = None, None
+            if isinstance(step, Emit):
+                yield self._emitted(step)
+                continue
+            try:
+                if isinstance(step, Blocking):
+                    result = await asyncio.to_thread(step.fn, *step.args)
+                elif isinstance(step, Generate):
+                    result = list(await asyncio.gather(*[step.call.engine.agenerate(**step.call.submit_kwargs(i))
+                                                         for i in range(step.call.request.n)]))
+                elif isinstance(step, Stream):
+                    async with step.call.engine.asubmit(**step.call.submit_kwargs(0)) as req:
+                        async for chunk in req:
+                            if not step.hold:
+                                yield TextDelta(chunk.text)
+                        result = [req.completion()]
+                elif isinstance(step, Teach):
+                    result = await self._ateach(step.call, step.policy)
+            except Exception as e:
+                error = e
+
+    async def _ateach(self, call: Call, policy) -> tuple[Any, Completion | None]:
+        shadow = [call.engine.agenerate(**call.submit_kwargs(0))] if policy.shadow else []
+        token = self.runtime.suppressed.set(True)
+        try:
+            *students, response = await asyncio.gather(*shadow, teacher.aask(policy, self._teacher_kwargs(call)),
+                                                       return_exceptions=True)
+        finally:
+            self.runtime.suppressed.reset(token)
+        if isinstance(response, BaseException):
+            raise response
+        return response, next((s for s in students if isinstance(s, Completion)), None)
+
+
+def _advance(core, result: Any, error: Exception | None):
+    """The core's next step, given the outcome of the last one (None once it is done)."""
+    try:
+        return core.throw(error) if error is not None else core.send(result)
+    except StopIteration:
+        return None
+
+
+def _answer_of(events: Iterator[TextDelta | Answer]) -> Answer:
+    answer = None
+    for event in events:
+        answer = event
+    return answer
+
+
+def _cancel_unfinished(requests) -> None:
+    for r in requests:
+        if not r._done:
+            r.cancel()
+
+
+def _choice(c: Completion, tools: list | None) -> Choice:
+    calls = tool_calls_in(c.text, tools)
+    if calls:
+        return Choice(None, calls, "tool_calls")
+    return Choice(c.text, None, c.finish_reason)
+
+
+def tool_calls_in(text: str, tools: list | None) -> list[dict] | None:
+    """The engine's constrained tool-call JSON as OpenAI tool calls (None: plain text)."""
+    if not tools or not text.startswith("{"):
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict) or "name" not in obj or "arguments" not in obj:
+        return None
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": obj["name"], "arguments": json.dumps(obj["arguments"])}}]

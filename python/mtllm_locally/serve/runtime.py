@@ -1,0 +1,223 @@
+"""The serving loop's one object per process: it owns the call store, the engines,
+the deploy router, the provider's settings, the learning policy and the call
+pipeline (`calls`), and it publishes each captured call to whoever subscribed
+(`on_call`: the learning loop, wired in wiring.py).
+
+Capture never breaks or slows a call: the store is opened lazily, every store or
+subscriber error is logged and swallowed, and a write is one small SQLite
+transaction (~0.1 ms in WAL).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import dataclasses
+import enum
+import logging
+import os
+import threading
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..engine import Engine, EngineConfig
+from ..state.policy import Policy
+from ..state.store import Store
+from .engines import EnginePool
+from .router import BASE, Route, Router
+
+log = logging.getLogger("mtllm_locally.runtime")
+
+
+@dataclass
+class Settings:
+    """How the provider decodes byllm's calls."""
+    # Typed calls (a schema or tools) are greedy: byllm sends temperature=0.7 even where a
+    # program asked for 0.0, and a 135M model's typed answers get worse with sampling.
+    typed_temperature: float | None = 0.0            # None: honour the request's temperature
+    task_temperature: dict[str, float] = field(default_factory=dict)  # per Jac function
+    max_tool_turns: int = 8                          # ReAct: after this many tool calls, finish_tool
+
+
+@dataclass(frozen=True)
+class CapturedCall:
+    """What `on_call` subscribers receive after a model turn was stored."""
+    invocation_id: str
+    task_key: str
+    function: str | None
+    model_path: str | None
+    source: str                 # "model" or "teacher:<model>"
+    adapter: str | None
+
+
+class Runtime:
+    def __init__(self, *, store_path: str | os.PathLike | None = None, capture: bool | None = None,
+                 engine_config: EngineConfig | None = None, settings: Settings | None = None,
+                 policy: Policy | None = None):
+        self.store_path = store_path
+        self.capture_enabled = os.environ.get("MTLLM_LOCALLY_CAPTURE", "1") != "0" if capture is None else capture
+        self.settings = settings or Settings()
+        self.policy = policy or Policy()
+        self.engines = EnginePool(engine_config)
+        self.router = Router()
+        # Per context: the last call captured (what feedback() refers to by default), and
+        # whether capture is suppressed (a teacher answering through this very provider).
+        self.last_invocation: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+            f"mtllm_last_invocation_{id(self)}", default=None)
+        self.suppressed: contextvars.ContextVar[bool] = contextvars.ContextVar(
+            f"mtllm_capture_suppressed_{id(self)}", default=False)
+        self._lock = threading.Lock()
+        self._store: Store | None = None
+        self._on_call: list[Callable[[CapturedCall], None]] = []
+        self._on_feedback: list[Callable[[str], None]] = []
+        self._on_close: list[Callable[[], None]] = []
+        self.closed = False
+        from .pipeline import CallPipeline  # the pipeline needs a runtime; the runtime offers it
+
+        self.calls = CallPipeline(self)
+
+    # ------------------------------------------------------------------ subscriptions
+    def on_call(self, hook: Callable[[CapturedCall], None]) -> None:
+        """`hook(captured)` after each captured model turn, on the serving path: keep it short."""
+        self._on_call.append(hook)
+
+    def on_feedback(self, hook: Callable[[str], None]) -> None:
+        self._on_feedback.append(hook)
+
+    def on_close(self, hook: Callable[[], None]) -> None:
+        self._on_close.append(hook)
+
+    # ------------------------------------------------------------------ store
+    def store(self) -> Store | None:
+        """The call store (opened on first use), or None with capture off."""
+        if not self.capture_enabled:
+            return None
+        with self._lock:
+            if self.closed:
+                return None
+            if self._store is None:
+                self._store = Store(self.store_path)
+            return self._store
+
+    def store_or_none(self) -> Store | None:
+        """For reads on the call path: a broken store means no routing, not a failed call."""
+        try:
+            return self.store()
+        except Exception as e:
+            log.warning("call store unavailable (serving the base model): %s: %s", type(e).__name__, e)
+            return None
+
+    # ------------------------------------------------------------------ serving
+    def route(self, engine: Engine, task_key: str) -> Route:
+        """The adapter deployed for this task on this engine's model, loaded; BASE if none.
+        While a training runs on the store, engines decode with the cores it leaves free."""
+        store = self.store_or_none()
+        if store is None:
+            return BASE
+        try:
+            if self.router.refresh(store):
+                self.engines.share_cores(_free_cores(self.router.training_threads))
+            return self.router.route(engine, task_key)
+        except Exception as e:  # the deployed pointer cannot be read: the base model still answers
+            log.warning("routing %s failed (serving the base model): %s: %s", task_key, type(e).__name__, e)
+            return BASE
+
+    def record_turn(self, *, invocation_id: str | None, task_key: str, function: str | None, model: str,
+                    model_path: str | None, **turn: Any) -> str | None:
+        """Store one model turn and tell the subscribers; returns the call's invocation id."""
+        if self.suppressed.get():
+            return None
+        inv = invocation_id or f"anon-{uuid.uuid4()}"
+        try:
+            st = self.store()
+            if st is None:
+                return None
+            st.record_turn(invocation_id=inv, task_key=task_key, function=function, model=model, **turn)
+        except Exception as e:  # capture must never break the program
+            log.warning("call capture failed (the call itself succeeded): %s: %s", type(e).__name__, e)
+            return None
+        self.last_invocation.set(inv)
+        captured = CapturedCall(inv, task_key, function, model_path, turn.get("source", "model"), turn.get("adapter"))
+        for hook in list(self._on_call):
+            _safely(hook, captured)
+        return inv
+
+    def finish_call(self, invocation_id: str | None, *, accepted: bool, inputs: Any = None,
+                    function: str | None = None, error: str | None = None) -> None:
+        """byllm's verdict on a call (the Jac plugin reports it)."""
+        if not invocation_id:
+            return
+        try:
+            st = self.store()
+            if st is not None:
+                st.finish_call(invocation_id, accepted=accepted, inputs=inputs, function=function, error=error)
+        except Exception as e:
+            log.warning("recording byllm's verdict failed: %s: %s", type(e).__name__, e)
+
+    def feedback(self, invocation_id: str | None = None, *, correct: bool | None = None, score: float | None = None,
+                 corrected_output: Any = None, note: str | None = None) -> str:
+        """Feedback on a call (default: the last one made in this context). Returns its id."""
+        inv = invocation_id or self.last_invocation.get()
+        if inv is None:
+            raise LookupError("no call has been captured in this context yet; pass invocation_id=")
+        st = self.store()
+        if st is None:
+            raise RuntimeError("call capture is switched off")
+        st.add_feedback(inv, correct=correct, score=score, corrected_output=plain_value(corrected_output), note=note)
+        for hook in list(self._on_feedback):  # a correction is a new labelled example
+            _safely(hook, inv)
+        return inv
+
+    # ------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Subscribers first (the learning trigger stops), then engines, loop and store.
+        Trainings already started go on in their own processes."""
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+            store, self._store = self._store, None
+        for hook in self._on_close:
+            _safely(hook)
+        self.engines.close()
+        if store is not None:
+            store.close()
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _free_cores(training_threads: int) -> int:
+    """Decode threads while trainings hold `training_threads` cores (0: no training, as configured)."""
+    if not training_threads:
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores - training_threads)
+
+
+def _safely(hook: Callable, *args) -> None:
+    try:
+        hook(*args)
+    except Exception as e:  # a subscriber must never break the program
+        log.warning("%s failed: %s: %s", getattr(hook, "__qualname__", hook), type(e).__name__, e)
+
+
+def plain_value(v: Any) -> Any:
+    """A corrected output as JSON-able data: enums by value (byllm's schema encodes
+    them so), dataclasses and pydantic models as dicts."""
+    if isinstance(v, enum.Enum):
+        return v.value
+    if dataclasses.is_dataclass(v) and not isinstance(v, type):
+        return {k: plain_value(x) for k, x in dataclasses.asdict(v).items()}
+    if hasattr(v, "model_dump"):
+        return v.model_dump()
+    if isinstance(v, (list, tuple)):
+        return [plain_value(x) for x in v]
+    if isinstance(v, dict):
+        return {k: plain_value(x) for k, x in v.items()}
+    if hasattr(v, "__dict__") and not isinstance(v, (str, int, float, bool)):
+        return {k: plain_value(x) for k, x in vars(v).items() if not k.startswith("_")}
+    return v
