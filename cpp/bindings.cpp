@@ -13,6 +13,8 @@
 namespace py = pybind11;
 using namespace mtllm;
 
+void bind_internals(py::module_& parent);  // bindings_internals.cpp: _engine._internals, for unit tests
+
 namespace {
 
 // Objects whose destructor joins a thread that may call back into Python (the
@@ -102,6 +104,7 @@ PYBIND11_MODULE(_engine, m) {
         limits["max_grammar_bytes"] = kMaxGrammarBytes;
         limits["max_adapter_scale"] = kMaxAdapterScale;
         limits["max_logits_floats"] = kMaxLogitsFloats;
+        limits["max_closing_tokens"] = kMaxClosingTokens;
         m.attr("limits") = limits;
     }
     m.def("max_parallel_sequences", [] { return llama_max_parallel_sequences(); });
@@ -176,7 +179,9 @@ PYBIND11_MODULE(_engine, m) {
         .def_readwrite("seed", &SamplingParams::seed)
         .def_readwrite("stop", &SamplingParams::stop)
         .def_readwrite("ignore_eos", &SamplingParams::ignore_eos)
-        .def_readwrite("logits_all", &SamplingParams::logits_all);
+        .def_readwrite("logits_all", &SamplingParams::logits_all)
+        .def_readwrite("loop_guard", &SamplingParams::loop_guard)
+        .def_readwrite("close_at_budget", &SamplingParams::close_at_budget);
 
     py::class_<EngineParams>(m, "EngineParams")
         .def(py::init<>())
@@ -207,6 +212,7 @@ PYBIND11_MODULE(_engine, m) {
                  py::dict d;
                  d["done"] = r.done;
                  d["finish_reason"] = r.finish_reason;
+                 d["closed_by"] = r.closed_by;
                  d["error_kind"] = r.error_kind;
                  d["error_message"] = r.error_message;
                  d["stats"] = stats_dict(r.stats);
@@ -264,9 +270,16 @@ PYBIND11_MODULE(_engine, m) {
                  d["decode_ms"] = s.decode_ms;
                  d["adapter_switches"] = s.adapter_switches;
                  d["adapter_switch_ms"] = s.adapter_switch_ms;
+                 d["closing_searches"] = s.closing_searches;
+                 d["closing_checks"] = s.closing_checks;
+                 d["closing_ms"] = s.closing_ms;
+                 d["closed_by_budget"] = s.closed_by_budget;
+                 d["closed_by_loop"] = s.closed_by_loop;
                  return d;
              })
         .def_property_readonly("n_ctx", &Engine::n_ctx)
         .def_property_readonly("n_seq_max", &Engine::n_seq_max)
         .def_property_readonly("model", &Engine::model);
+
+    bind_internals(m);
 }

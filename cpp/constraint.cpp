@@ -2,8 +2,13 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
+#include <chrono>
+#include <cctype>
 #include <cmath>
 #include <cstring>
+#include <cstdio>
+#include <cstdlib>
 #include <mutex>
 
 #include "errors.h"
@@ -49,6 +54,12 @@ struct GuidanceApi {
     bool (*matcher_is_stopped)(const LlgMatcher*);
     int32_t (*matcher_compute_ff_tokens)(LlgMatcher*, uint32_t*, size_t);
     void (*free_matcher)(LlgMatcher*);
+    // the closing search
+    LlgMatcher* (*clone_matcher)(const LlgMatcher*);
+    int32_t (*matcher_validate_tokens)(LlgMatcher*, const uint32_t*, size_t);
+    int32_t (*matcher_consume_tokens)(LlgMatcher*, const uint32_t*, size_t);
+    int32_t (*matcher_rollback)(LlgMatcher*, size_t);
+    bool (*matcher_is_accepting)(LlgMatcher*);
 };
 
 namespace {
@@ -81,6 +92,11 @@ std::shared_ptr<GuidanceApi> load_api(const std::string& path) {
     resolve(h, "llg_matcher_is_stopped", &api->matcher_is_stopped);
     resolve(h, "llg_matcher_compute_ff_tokens", &api->matcher_compute_ff_tokens);
     resolve(h, "llg_free_matcher", &api->free_matcher);
+    resolve(h, "llg_clone_matcher", &api->clone_matcher);
+    resolve(h, "llg_matcher_validate_tokens", &api->matcher_validate_tokens);
+    resolve(h, "llg_matcher_consume_tokens", &api->matcher_consume_tokens);
+    resolve(h, "llg_matcher_rollback", &api->matcher_rollback);
+    resolve(h, "llg_matcher_is_accepting", &api->matcher_is_accepting);
     cached = api;
     cached_path = path;
     return api;
@@ -100,8 +116,17 @@ GuidanceTokenizer::GuidanceTokenizer(const std::string& library_path, std::share
     const int n_vocab = model_->n_vocab();
     std::vector<uint32_t> lens(static_cast<size_t>(n_vocab), 0u);
     std::string bytes;
+    std::fill(std::begin(byte_tokens_), std::end(byte_tokens_), llama_token(-1));
+    kinds_.assign(size_t(n_vocab), 0);
     for (llama_token t = 0; t < n_vocab; ++t) {
         std::string piece = model_->token_piece(t, false);
+        if (piece.size() == 1 && byte_tokens_[uint8_t(piece[0])] < 0) byte_tokens_[uint8_t(piece[0])] = t;
+        bool digits = !piece.empty(), letter = false;
+        for (unsigned char ch : piece) {
+            digits = digits && std::isdigit(ch);
+            letter = letter || std::isalpha(ch) || ch >= 0x80;
+        }
+        kinds_[size_t(t)] = digits ? 1 : letter ? 2 : 0;
         // llguidance marks special tokens with a leading 0xFF byte.
         if (piece.empty()) piece = "\xff" + model_->token_piece(t, true);
         lens[size_t(t)] = uint32_t(piece.size());
@@ -176,6 +201,210 @@ std::vector<llama_token> Constraint::take_forced() {
 bool Constraint::finished() const { return tok_->api().matcher_is_stopped(matcher_); }
 
 const char* Constraint::error() const { return tok_->api().matcher_get_error(matcher_); }
+
+bool Constraint::accepting() const { return tok_->api().matcher_is_accepting(matcher_); }
+
+bool Constraint::force(const std::vector<llama_token>& tokens) {
+    if (tokens.empty()) return true;
+    std::vector<uint32_t> ids(tokens.begin(), tokens.end());
+    return tok_->api().matcher_consume_tokens(matcher_, ids.data(), ids.size()) == 0;
+}
+
+namespace {
+
+// Single bytes in the order the closing search tries them: what closes comes first
+// (the end of a string, an object, an array), then separators (the next required
+// field: a number ends at a comma, not in more digits), the shortest values (0, true,
+// null, false), digits (ranges), spaces and punctuation (the separators a regex may
+// need before more letters), letters last; never a backslash or a control byte.
+const std::string& closing_order() {
+    static const std::string order = [] {
+        std::string o = "\"}],:0tnf123456789-[{ .@_!#$%&'()*+/;<=>?^`|~";
+        for (char c = 'a'; c <= 'z'; ++c) o += c;
+        for (char c = 'A'; c <= 'Z'; ++c) o += c;
+        return o;
+    }();
+    return order;
+}
+
+// A byte taken in the last kNovelty steps is tried after every other allowed byte
+// (except the three closers): the search then walks through a pattern such as
+// [a-z]+@[a-z]+ (letter, '@', letter) instead of circling on its first letter.
+constexpr int kNovelty = 32;
+constexpr int kClosers = 3;  // `"` `}` `]`: always tried first
+
+struct MatcherCopy {
+    const GuidanceApi& api;
+    LlgMatcher* m;
+    MatcherCopy(const GuidanceApi& a, LlgMatcher* src) : api(a), m(a.clone_matcher(src)) {}
+    ~MatcherCopy() {
+        if (m) api.free_matcher(m);
+    }
+};
+
+}  // namespace
+
+Closing Constraint::search(LlgMatcher* m, int limit) const {
+    // Depth-first: each step takes what the grammar forces, else the first byte (in
+    // closing order) the grammar allows; a dead end (nothing allowed, not accepting)
+    // undoes the last step and tries its next byte. Never backtracks for length: the
+    // first completion found is the answer, so the cost is about linear in its length.
+    const GuidanceApi& api = tok_->api();
+    const std::string& order = closing_order();
+    struct Step {
+        int n;      // tokens this step consumed
+        int next;   // next byte index to try from the state before it (order.size(): none)
+        int byte;   // the byte taken, -1 for forced tokens
+    };
+    std::vector<Step> steps;
+    Closing out;
+    int from = 0;  // first byte index to try at the current state; 0 = a new state
+    uint32_t ff[64];
+    for (;;) {
+        if (api.matcher_get_error(m)) {
+            out.status = Closing::kNone;
+            return out;
+        }
+        if (api.matcher_is_accepting(m)) {
+            out.status = Closing::kFound;
+            return out;
+        }
+        if (int(out.tokens.size()) >= limit) {
+            out.status = Closing::kTooLong;
+            return out;
+        }
+        bool advanced = false;
+        if (from == 0) {
+            int32_t n = api.matcher_compute_ff_tokens(m, ff, 64);
+            if (n > 0) {
+                n = std::min<int32_t>(n, limit - int32_t(out.tokens.size()));
+                if (api.matcher_consume_tokens(m, ff, size_t(n)) != 0) {
+                    out.status = Closing::kNone;
+                    return out;
+                }
+                out.tokens.insert(out.tokens.end(), ff, ff + n);
+                steps.push_back({n, int(order.size()), -1});
+                continue;
+            }
+        }
+        auto recent = [&](int byte) {
+            for (size_t k = steps.size(), seen = 0; k > 0 && seen < size_t(kNovelty); --k, ++seen)
+                if (steps[k - 1].byte == byte) return true;
+            return false;
+        };
+        for (int pass = 0; pass < 2 && !advanced; ++pass) {
+            // pass 0 skips bytes taken recently; pass 1 takes them if nothing else fits
+            for (int i = from; i < int(order.size()); ++i) {
+                const int byte = uint8_t(order[size_t(i)]);
+                const bool skip = i >= kClosers && recent(byte);
+                if (skip != (pass == 1)) continue;
+                llama_token t = tok_->byte_token(uint8_t(byte));
+                if (t < 0) continue;
+                if (++out.checks > kMaxClosingChecks) {
+                    out.status = Closing::kNone;
+                    return out;
+                }
+                uint32_t id = uint32_t(t);
+                if (api.matcher_validate_tokens(m, &id, 1) != 1) continue;
+                if (api.matcher_consume_tokens(m, &id, 1) != 0) {
+                    out.status = Closing::kNone;
+                    return out;
+                }
+                out.tokens.push_back(t);
+                steps.push_back({1, i + 1, byte});
+                advanced = true;
+                break;
+            }
+        }
+        if (advanced) {
+            from = 0;
+            continue;
+        }
+        // Dead end: undo the last step and try the next byte in its place.
+        if (steps.empty()) {
+            out.status = Closing::kNone;
+            return out;
+        }
+        Step s = steps.back();
+        steps.pop_back();
+        if (api.matcher_rollback(m, size_t(s.n)) != 0) {
+            out.status = Closing::kNone;
+            return out;
+        }
+        out.tokens.resize(out.tokens.size() - size_t(s.n));
+        from = s.next;
+    }
+}
+
+namespace {
+struct SearchTimer {
+    const Constraint& c;
+    std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
+    explicit SearchTimer(const Constraint& k) : c(k) { c.searches++; }
+    ~SearchTimer() { c.search_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count(); }
+};
+}  // namespace
+
+Closing Constraint::closing(int limit) const {
+    SearchTimer timer(*this);
+    MatcherCopy copy(tok_->api(), matcher_);
+    if (!copy.m) return Closing{};
+    Closing c = search(copy.m, std::min(limit, kMaxClosingTokens));
+    search_checks += uint64_t(c.checks);
+    return c;
+}
+
+int Constraint::cost_with(llama_token t, int limit) const {
+    if (limit < 1) return -1;
+    SearchTimer timer(*this);
+    const GuidanceApi& api = tok_->api();
+    MatcherCopy copy(api, matcher_);
+    if (!copy.m) return -1;
+    uint32_t id = uint32_t(t);
+    if (api.matcher_validate_tokens(copy.m, &id, 1) != 1 || api.matcher_consume_tokens(copy.m, &id, 1) != 0) return -1;
+    int cost = 1;
+    uint32_t ff[64];
+    int32_t n = api.matcher_compute_ff_tokens(copy.m, ff, 64);
+    if (n > 0) {
+        if (api.matcher_consume_tokens(copy.m, ff, size_t(n)) != 0) return -1;
+        cost += n;
+    }
+    if (cost > limit) return -1;
+    Closing c = search(copy.m, std::min(limit - cost, kMaxClosingTokens));
+    search_checks += uint64_t(c.checks);
+    return c.status == Closing::kFound ? cost + int(c.tokens.size()) : -1;
+}
+
+int repetition_period(const GuidanceTokenizer& tok, const llama_token* g, int n) {
+    constexpr int kMaxPeriod = 64;
+    auto kind_of = [&](llama_token t) { return tok.token_kind(t); };
+    for (int p = 1; p <= kMaxPeriod && 3 * p <= n; ++p) {
+        // Copies of the last p tokens, going back: exactly equal, and equal where
+        // tokens made of digits count as equal.
+        int exact = 1, loose = 1;
+        bool exact_run = true;
+        for (int k = 1; (k + 1) * p <= n; ++k) {
+            bool same = true, similar = true;
+            for (int i = 0; i < p && similar; ++i) {
+                llama_token a = g[size_t(n - 1 - i)], b = g[size_t(n - 1 - i - k * p)];
+                if (a != b) {
+                    same = false;
+                    similar = kind_of(a) == 1 && kind_of(b) == 1;
+                }
+            }
+            if (!similar) break;
+            ++loose;
+            if (exact_run && same) ++exact;
+            else exact_run = false;
+        }
+        bool word = false;
+        for (int i = 0; i < p && !word; ++i) word = kind_of(g[size_t(n - 1 - i)]) == 2;
+        if (!word) continue;
+        if (exact >= 3 && exact * p >= 12) return p;
+        if (loose >= 4 && loose * p >= 24) return p;
+    }
+    return 0;
+}
 
 // ------------------------------------------------------------------ llama_sampler glue
 

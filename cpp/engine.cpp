@@ -39,7 +39,7 @@ int64_t now_us() { return llama_time_us(); }
 }  // namespace
 
 Engine::Engine(std::shared_ptr<Model> model, const EngineParams& params)
-    : model_(std::move(model)), params_(params), scheduler_(params.n_batch) {
+    : model_(std::move(model)), params_(params) {
     if (params_.n_batch < 1) throw InvalidRequestError("n_batch must be >= 1");
     if (params_.max_running < 1) throw InvalidRequestError("max_running must be >= 1");
     if (params_.cache_sequences < 0) throw InvalidRequestError("cache_sequences must be >= 0");
@@ -81,9 +81,10 @@ Engine::Engine(std::shared_ptr<Model> model, const EngineParams& params)
     ctx_ = llama_init_from_model(model_->get(), cp);
     if (!ctx_) throw ModelLoadError("cannot create a llama.cpp context: " + log_last_errors());
     n_ctx_ = int(llama_n_ctx_seq(ctx_));
+    kv_ = std::make_unique<KvCacheManager>(std::make_shared<LlamaKvMemory>(llama_get_memory(ctx_)), n_seq_max_,
+                                           params_.prefix_reuse);
     // llama.cpp caps n_batch at n_ctx; a step larger than its cap is a GGML_ASSERT.
-    scheduler_.set_budget(int(llama_n_batch(ctx_)));
-    kv_ = std::make_unique<KvCacheManager>(llama_get_memory(ctx_), n_seq_max_, params_.prefix_reuse);
+    scheduler_ = std::make_unique<Scheduler>(int(llama_n_batch(ctx_)), params_.max_running, *kv_);
     batch_ = llama_batch_init(params_.n_batch, 0, 1);
     worker_.start([this] { loop(); }, kGrammarStackBytes);
 }
@@ -175,14 +176,36 @@ std::shared_ptr<Request> Engine::submit(std::vector<llama_token> prompt, const S
                                       " bytes; the limit is " + std::to_string(kMaxGrammarBytes));
         // Compiled now, so a bad schema fails at submit; on a big stack, because the
         // compiler recurses as deep as the grammar nests.
-        run_with_big_stack([&] { r->constraint = std::make_unique<Constraint>(tok, constraint_kind, constraint_data); });
+        Closing shortest;
+        const bool closes = params.close_at_budget;
+        run_with_big_stack([&] {
+            r->constraint = std::make_unique<Constraint>(tok, constraint_kind, constraint_data);
+            if (closes) shortest = r->constraint->closing(kMaxClosingTokens);
+        });
+        if (closes) {
+            // The budget-aware closing needs a completion from the start; a request whose
+            // budget cannot hold the shortest one would end as invalid output.
+            const std::string what = constraint_kind == "json_schema" ? "schema" : constraint_kind + " grammar";
+            if (shortest.status != Closing::kFound)
+                throw InvalidRequestError("the " + what + " has no completion the engine can find (none of at most " +
+                                          std::to_string(kMaxClosingTokens) + " tokens): its output could never be closed");
+            const int need = int(shortest.tokens.size());
+            if (need > params.max_tokens)
+                throw InvalidRequestError("max_tokens=" + std::to_string(params.max_tokens) + " is below the " + std::to_string(need) +
+                                          " tokens this " + what + " needs at least");
+            if (int(r->prompt.size()) + need > n_ctx_)
+                throw ContextOverflowError("prompt is " + std::to_string(r->prompt.size()) + " tokens and this " + what + " needs " +
+                                           std::to_string(need) + " more; the context holds " + std::to_string(n_ctx_));
+            r->constraint->close_len = need;
+        }
     }
     {
         std::lock_guard<std::mutex> lock(mu_);
         if (closed_) throw EngineClosedError("engine is closed");
         if (!broken_.empty()) throw EngineClosedError("engine stopped after a fatal error: " + broken_);
-        if (n_waiting_shared_ >= size_t(params_.max_queued))
-            throw OverloadedError("engine overloaded: " + std::to_string(n_waiting_shared_) +
+        const size_t queued = incoming_.size() + queued_;
+        if (queued >= size_t(params_.max_queued))
+            throw OverloadedError("engine overloaded: " + std::to_string(queued) +
                                   " requests already waiting (max_queued=" + std::to_string(params_.max_queued) + ")");
         for (size_t i = 0; i < r->adapters.size(); ++i) {
             auto it = adapters_.find(r->adapters[i].first);
@@ -194,7 +217,6 @@ std::shared_ptr<Request> Engine::submit(std::vector<llama_token> prompt, const S
         for (auto& [id, scale] : r->adapters) adapters_[id].users++;
         r->id = next_id_++;
         incoming_.push_back(r);
-        ++n_waiting_shared_;
     }
     cv_.notify_one();
     return r;
@@ -274,11 +296,19 @@ void Engine::deliver(Request* r, const std::string& text, const std::vector<llam
     }
 }
 
-void Engine::finish(Request* r, const std::string& reason, const std::string& err_kind, const std::string& err_msg) {
+void Engine::finish(Request* r, const std::string& reason_in, const std::string& err_kind, const std::string& err_msg) {
     std::string tail = r->stream ? r->stream->flush() : std::string();
     int64_t t = now_us();
+    std::string reason = reason_in;
     {
         std::lock_guard<std::mutex> lock(r->mu);
+        // The budget shaped this value (tokens were refused so that it could close in
+        // time) even if the model wrote the end itself: it was cut short.
+        if (r->constraint && r->constraint->steered && r->closed_by.empty() && (reason == "stop" || reason == "length") &&
+            r->constraint->accepting()) {
+            r->closed_by = "budget";
+            reason = "length";
+        }
         r->finish_reason = reason;
         r->error_kind = err_kind;
         r->error_message = err_msg;
@@ -286,12 +316,7 @@ void Engine::finish(Request* r, const std::string& reason, const std::string& er
         r->stats.total_ms = double(t - r->t_submit_us) / 1000.0;
         if (r->stats.ttft_ms == 0 && r->n_generated > 0) r->stats.ttft_ms = r->stats.total_ms;
     }
-    if (r->seq >= 0) {
-        if (err_kind.empty()) kv_->release(r->seq);
-        else kv_->drop(r->seq);
-        r->seq = -1;
-        kv_pressure_ = false;  // its cells are free: waiting requests may be admitted again
-    }
+    scheduler_->release(r, err_kind.empty());  // an error's KV is not trusted as cache
     {
         std::lock_guard<std::mutex> lock(mu_);
         for (auto& [id, scale] : r->adapters) adapters_[id].users--;
@@ -299,23 +324,31 @@ void Engine::finish(Request* r, const std::string& reason, const std::string& er
     {
         std::lock_guard<std::mutex> lock(stats_mu_);
         stats_.requests_finished++;
+        if (r->constraint) {
+            stats_.closing_searches += r->constraint->searches;
+            stats_.closing_checks += r->constraint->search_checks;
+            stats_.closing_ms += r->constraint->search_ms;
+            r->constraint->searches = r->constraint->search_checks = 0;
+            r->constraint->search_ms = 0;
+        }
+        if (r->closed_by == "budget") stats_.closed_by_budget++;
+        if (r->closed_by == "loop") stats_.closed_by_loop++;
     }
     deliver(r, tail, {}, true);
 }
 
 void Engine::fail_all(const std::string& kind, const std::string& msg) {
-    for (auto& r : running_) finish(r.get(), "error", kind, msg);
-    running_.clear();
-    for (auto& r : waiting_) finish(r.get(), "error", kind, msg);
-    waiting_.clear();
+    for (auto& r : scheduler_->take_all()) finish(r.get(), "error", kind, msg);
     std::deque<std::shared_ptr<Request>> incoming;
     {
         std::lock_guard<std::mutex> lock(mu_);
         incoming.swap(incoming_);
-        n_waiting_shared_ = 0;
+        publish_queue_depth();
     }
     for (auto& r : incoming) finish(r.get(), "error", kind, msg);
 }
+
+void Engine::publish_queue_depth() { queued_ = scheduler_->n_waiting(); }
 
 void Engine::build_sampler(Request* r) {
     const SamplingParams& p = r->params;
@@ -339,35 +372,24 @@ void Engine::build_sampler(Request* r) {
     }
 }
 
-void Engine::admit() {
-    if (running_.empty()) kv_pressure_ = false;
-    while (!waiting_.empty() && int(running_.size()) < params_.max_running && !kv_pressure_) {
-        std::shared_ptr<Request> r = waiting_.front();
-        SlotPlan plan;
-        // logits_all wants every prompt position's logits, so it cannot start from a cached prefix.
-        if (!kv_->acquire(r->tokens, r->key, !r->params.logits_all, &plan)) break;
-        waiting_.pop_front();
-        {
-            std::lock_guard<std::mutex> lock(mu_);
-            --n_waiting_shared_;
-        }
-        r->seq = plan.seq;
-        r->n_computed = plan.n_reuse;
+void Engine::start_admitted() {
+    for (auto& r : scheduler_->admit()) {
+        if (r->admitted_once) continue;  // preempted before: it keeps its sampler and stats
         try {
-            if (!r->admitted_once) {
-                r->admitted_once = true;
-                r->t_admit_us = now_us();
-                r->stats.cached_tokens = plan.n_reuse;
+            r->admitted_once = true;
+            r->t_admit_us = now_us();
+            {
+                std::lock_guard<std::mutex> lock(r->mu);
+                r->stats.cached_tokens = r->n_computed;  // admission starts it after its cached prefix
                 r->stats.queue_ms = double(r->t_admit_us - r->t_submit_us) / 1000.0;
-                build_sampler(r.get());
-                if (r->params.logits_all) r->logits.reserve(r->prompt.size() * size_t(model_->n_vocab()));
             }
+            build_sampler(r.get());
+            if (r->params.logits_all) r->logits.reserve(r->prompt.size() * size_t(model_->n_vocab()));
         } catch (const std::exception& e) {
             finish(r.get(), "error", "EngineError", std::string("cannot start the request: ") + e.what());
-            continue;
         }
-        running_.push_back(std::move(r));
     }
+    scheduler_->remove_finished();
 }
 
 int Engine::execute(const StepPlan& plan) {
@@ -421,36 +443,109 @@ int Engine::execute(const StepPlan& plan) {
     return ret;
 }
 
-bool Engine::handle_no_kv_slot(const StepPlan& plan) {
-    // No room in the KV cache: first drop idle prefix caches, then preempt the most
-    // recently admitted request (it recomputes later, keeping what it generated).
-    if (kv_->evict_one()) {
-        std::lock_guard<std::mutex> lock(stats_mu_);
-        stats_.evictions++;
-        return true;
-    }
-    if (running_.size() > 1) {
-        auto victim = running_.back();
-        running_.pop_back();
-        kv_->drop(victim->seq);
-        victim->seq = -1;
-        victim->n_computed = 0;
-        victim->stats.preemptions++;
-        {
-            std::lock_guard<std::mutex> lock(victim->mu);
-            victim->logits.clear();  // recomputed from the first prompt token
+// Budget-aware closing (constrained requests). Every request knows its room (tokens
+// it may still append: max_tokens and the context) and the closing length L of its
+// grammar state (Constraint::closing). Far from the end of its budget a request
+// samples as usual, re-checking L every kRecheckEvery tokens; once room <= 2L +
+// kCloseMargin it checks every token before taking it: the sampled token is taken
+// only if, after it and what the grammar forces, the closing still fits in the room
+// (candidates are tried in the sampler's order); when none of kMaxCandidates does,
+// the engine appends the closing instead. The loop guard (SamplingParams.loop_guard)
+// closes a value whose last tokens repeat one item (repetition_period): it lets the
+// loop run one more period to find the point where closing is shortest (the end of
+// an item), then closes there.
+namespace {
+constexpr int kCloseMargin = 16;
+constexpr int kRecheckEvery = 16;
+constexpr int kMaxCandidates = 8;
+}  // namespace
+
+int Engine::room(const Request* r) const {
+    return std::min(r->params.max_tokens - r->n_generated, n_ctx_ - int(r->tokens.size()));
+}
+
+llama_token Engine::sample_candidate(Request* r, int batch_index, const std::vector<llama_token>& banned) {
+    const float* logits = llama_get_logits_ith(ctx_, batch_index);
+    const int n_vocab = model_->n_vocab();
+    candidates_.resize(size_t(n_vocab));
+    for (llama_token t = 0; t < n_vocab; ++t) candidates_[size_t(t)] = llama_token_data{t, logits[t], 0.0f};
+    for (llama_token t : banned) candidates_[size_t(t)].logit = -INFINITY;
+    llama_token_data_array cur{candidates_.data(), candidates_.size(), -1, false};
+    llama_sampler_apply(r->sampler, &cur);
+    if (cur.selected < 0 || size_t(cur.selected) >= cur.size) return -1;
+    return cur.data[cur.selected].id;
+}
+
+void Engine::next_constrained(Request* r, int batch_index, llama_token* tok, std::vector<llama_token>* closing,
+                              std::string* closed_by) {
+    Constraint& c = *r->constraint;
+    const int room = this->room(r);
+    if (c.loop_period > 0) {
+        Closing now = c.closing(room);
+        if (now.status == Closing::kFound) {
+            const int L = int(now.tokens.size());
+            const bool first_period = c.loop_steps < c.loop_period;
+            const bool close_now = c.loop_steps >= 2 * c.loop_period || (!first_period && L <= c.loop_best) || L >= room;
+            if (first_period) c.loop_best = c.loop_best < 0 ? L : std::min(c.loop_best, L);
+            if (close_now) {
+                *closing = std::move(now.tokens);
+                *closed_by = "loop";
+                return;
+            }
         }
-        waiting_.push_front(victim);
-        kv_pressure_ = true;
-        {
-            std::lock_guard<std::mutex> lock(mu_);
-            ++n_waiting_shared_;
-        }
-        std::lock_guard<std::mutex> lock(stats_mu_);
-        stats_.preemptions++;
-        return true;
     }
-    return false;
+    if (!r->params.close_at_budget) {  // the loop guard alone
+        *tok = llama_sampler_sample(r->sampler, ctx_, batch_index);
+        return;
+    }
+    const bool check = c.close_len < 0 || room <= 2 * c.close_len + kCloseMargin || c.since_check >= kRecheckEvery;
+    if (c.close_len < 0) c.close_len = room;  // unknown: check from here on
+    if (!check) {
+        *tok = llama_sampler_sample(r->sampler, ctx_, batch_index);
+        return;
+    }
+    c.since_check = 0;
+    // Far from the end (a periodic re-check) the sampled token is taken whatever its
+    // cost: refusing tokens is for the last stretch only.
+    const bool stretch = c.close_len >= 0 && room <= 2 * c.close_len + kCloseMargin;
+    if (!stretch) {
+        *tok = llama_sampler_sample(r->sampler, ctx_, batch_index);
+        if (model_->is_eog(*tok)) return;
+        Closing after = c.closing(room - 1);
+        c.close_len = after.status == Closing::kFound ? int(after.tokens.size()) : room;
+        return;
+    }
+    std::vector<llama_token> banned;
+    for (int k = 0; k < kMaxCandidates; ++k) {
+        llama_token t = sample_candidate(r, batch_index, banned);
+        if (t < 0) break;
+        if (!r->params.ignore_eos && model_->is_eog(t)) {  // allowed only where the grammar accepts
+            llama_sampler_accept(r->sampler, t);
+            *tok = t;
+            return;
+        }
+        const int cost = c.cost_with(t, room);
+        if (cost >= 0) {
+            llama_sampler_accept(r->sampler, t);
+            c.close_len = cost - 1;  // an upper bound: it counts what the grammar forces next
+            *tok = t;
+            return;
+        }
+        banned.push_back(t);
+        c.steered = true;
+    }
+    Closing now = c.closing(room);
+    if (now.status == Closing::kFound) {
+        *closing = std::move(now.tokens);
+        *closed_by = "budget";
+        return;
+    }
+    if (now.status == Closing::kNone)
+        throw EngineError("the output cannot be closed: the grammar has no completion the engine can find after " +
+                          std::to_string(r->n_generated) + " tokens");
+    // Too long for the room left (the window above missed a jump): the output will be cut.
+    c.close_len = room;
+    *tok = llama_sampler_sample(r->sampler, ctx_, batch_index);
 }
 
 void Engine::sample_next(Request* r, int batch_index) {
@@ -458,16 +553,41 @@ void Engine::sample_next(Request* r, int batch_index) {
         finish(r, "length");
         return;
     }
-    llama_token tok = llama_sampler_sample(r->sampler, ctx_, batch_index);
+    llama_token tok = -1;
+    std::vector<llama_token> closing;  // appended instead of a sampled token: they close the value
+    std::string closed_by;
+    if (r->constraint && (r->params.close_at_budget || r->params.loop_guard))
+        next_constrained(r, batch_index, &tok, &closing, &closed_by);
+    else tok = llama_sampler_sample(r->sampler, ctx_, batch_index);
     if (r->n_generated == 0) {
         std::lock_guard<std::mutex> lock(r->mu);
         r->stats.ttft_ms = double(now_us() - r->t_submit_us) / 1000.0;
     }
-    r->n_generated++;
-    {
+    auto count_token = [&] {
+        r->n_generated++;
         std::lock_guard<std::mutex> lock(stats_mu_);
         stats_.tokens_generated++;
+    };
+    auto finish_closed = [&] {
+        {
+            std::lock_guard<std::mutex> lock(r->mu);
+            r->closed_by = closed_by;
+        }
+        finish(r, closed_by == "budget" ? "length" : "stop");
+    };
+    if (!closed_by.empty()) {
+        if (!r->constraint->force(closing))
+            throw EngineError(std::string("the grammar refused its own closing: ") + (r->constraint->error() ? r->constraint->error() : "?"));
+        for (llama_token t : closing) {
+            count_token();
+            r->tokens.push_back(t);
+            bool stopped = false;
+            std::string text = r->stream->push(model_->token_piece(t, false), &stopped);
+            deliver(r, text, {t}, false);
+        }
+        return finish_closed();
     }
+    count_token();
     if (!r->params.ignore_eos && model_->is_eog(tok)) {
         deliver(r, "", {tok}, false);
         finish(r, "stop");
@@ -478,18 +598,17 @@ void Engine::sample_next(Request* r, int batch_index) {
     std::vector<llama_token> forced;
     for (size_t i = 0;; ++i) {
         llama_token t = i == 0 ? tok : forced[i - 1];
-        if (i > 0) {
-            r->n_generated++;
-            std::lock_guard<std::mutex> lock(stats_mu_);
-            stats_.tokens_generated++;
-        }
+        if (i > 0) count_token();
         r->tokens.push_back(t);
         bool stopped = false;
         std::string text = r->stream->push(model_->token_piece(t, false), &stopped);
         deliver(r, text, {t}, false);
         if (stopped) return finish(r, "stop");
-        if (r->n_generated >= r->params.max_tokens) return finish(r, "length");
-        if (int(r->tokens.size()) >= n_ctx_) return finish(r, "length");
+        if (r->n_generated >= r->params.max_tokens || int(r->tokens.size()) >= n_ctx_) {
+            // At the limit with the value complete (every forced token appended): a stop.
+            const bool complete = r->constraint && i >= forced.size() && r->constraint->finished();
+            return finish(r, complete ? "stop" : "length");
+        }
         if (i == 0 && r->constraint) forced = r->constraint->take_forced();
         if (i < forced.size()) continue;
         // The grammar's state is past every forced token only now.
@@ -497,6 +616,21 @@ void Engine::sample_next(Request* r, int batch_index) {
             return finish(r, "error", "EngineError", std::string("constraint failed: ") + r->constraint->error());
         if (r->constraint && r->constraint->finished()) return finish(r, "stop");  // grammar complete
         break;
+    }
+    if (r->constraint) {
+        Constraint& c = *r->constraint;
+        const int appended = int(1 + forced.size());
+        c.since_check += appended;
+        if (c.loop_period > 0) c.loop_steps += appended;
+        else if (r->params.loop_guard) {
+            const size_t n0 = r->prompt.size();
+            int p = repetition_period(*c.tokenizer(), r->tokens.data() + n0, int(r->tokens.size() - n0));
+            if (p > 0) {
+                c.loop_period = p;
+                c.loop_steps = 0;
+                c.loop_best = -1;
+            }
+        }
     }
 }
 
@@ -509,7 +643,7 @@ void Engine::update(const StepPlan& plan) {
         if (r->seq < 0) continue;  // failed earlier in this update
         // One request's failure (a grammar error, an allocation) ends that request only.
         try {
-            kv_->on_computed(r->seq, r->tokens.data() + s.start, s.n_tokens);
+            scheduler_->on_computed(s);
             if (r->params.logits_all) {
                 std::lock_guard<std::mutex> lock(r->mu);  // the caller may be reading them
                 for (int i = 0; i < s.n_tokens; ++i) {
@@ -518,15 +652,12 @@ void Engine::update(const StepPlan& plan) {
                     r->logits.insert(r->logits.end(), row, row + n_vocab);
                 }
             }
-            r->n_computed += s.n_tokens;
             if (s.sample) sample_next(r, batch_index - 1);
         } catch (const std::exception& e) {
             fail_request(r, e.what());
         }
     }
-    running_.erase(std::remove_if(running_.begin(), running_.end(),
-                                  [](const std::shared_ptr<Request>& r) { return r->seq < 0; }),
-                   running_.end());
+    scheduler_->remove_finished();
 }
 
 void Engine::fail_request(Request* r, const std::string& what) {
@@ -559,7 +690,7 @@ void Engine::recover(const char* what) {
         stats_.internal_errors++;
     }
     const std::string msg = std::string("internal error in the engine: ") + what;
-    for (auto& r : running_) {
+    for (auto& r : scheduler_->take_running()) {
         try {
             if (r->seq >= 0) finish(r.get(), "error", "EngineError", msg);
         } catch (...) {
@@ -572,8 +703,6 @@ void Engine::recover(const char* what) {
             r->cv.notify_all();
         }
     }
-    running_.clear();
-    kv_pressure_ = false;
     if (++failed_steps_ >= 8) {
         {
             std::lock_guard<std::mutex> lock(mu_);
@@ -589,7 +718,7 @@ void Engine::recover(const char* what) {
 bool Engine::step() {
     std::deque<std::function<void()>> tasks;
     std::vector<llama_adapter_lora*> to_free;
-    if (running_.empty() && waiting_.empty() && busy_since_idle_) {
+    if (scheduler_->idle() && busy_since_idle_) {
         // Going idle: hand the pages freed while serving back to the OS, so the host's
         // memory after a burst of calls is what it was before (glibc keeps them otherwise).
         busy_since_idle_ = false;
@@ -599,13 +728,12 @@ bool Engine::step() {
     }
     {
         std::unique_lock<std::mutex> lock(mu_);
-        cv_.wait(lock, [&] {
-            return stop_ || !incoming_.empty() || !running_.empty() || !waiting_.empty() || !tasks_.empty();
-        });
+        cv_.wait(lock, [&] { return stop_ || !incoming_.empty() || !scheduler_->idle() || !tasks_.empty(); });
         while (!incoming_.empty()) {
-            waiting_.push_back(std::move(incoming_.front()));
+            scheduler_->add(std::move(incoming_.front()));
             incoming_.pop_front();
         }
+        publish_queue_depth();  // under the same lock: a drained request is counted throughout
         tasks.swap(tasks_);
         // Adapters whose unload was requested are freed once nothing uses them.
         for (auto it = adapters_.begin(); it != adapters_.end();) {
@@ -628,35 +756,25 @@ bool Engine::step() {
         return false;
     }
     // Cancellations, wherever the request is.
-    for (auto it = waiting_.begin(); it != waiting_.end();) {
-        if ((*it)->cancel_requested) {
-            finish(it->get(), "cancelled");
-            it = waiting_.erase(it);
-            std::lock_guard<std::mutex> lock(mu_);
-            --n_waiting_shared_;
-        } else {
-            ++it;
-        }
-    }
-    for (auto& r : running_)
+    for (auto& r : scheduler_->take_cancelled_waiting()) finish(r.get(), "cancelled");
+    for (auto& r : scheduler_->running())
         if (r->cancel_requested) finish(r.get(), "cancelled");
-    running_.erase(std::remove_if(running_.begin(), running_.end(), [](const auto& r) { return r->seq < 0; }),
-                   running_.end());
+    scheduler_->remove_finished();
 
-    admit();
-    if (!running_.empty()) busy_since_idle_ = true;
+    start_admitted();
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        publish_queue_depth();
+    }
+    if (!scheduler_->running().empty()) busy_since_idle_ = true;
     {
         std::lock_guard<std::mutex> lock(stats_mu_);
-        stats_.running = int(running_.size());
-        stats_.waiting = int(waiting_.size());
+        stats_.running = int(scheduler_->running().size());
+        stats_.waiting = int(scheduler_->n_waiting());
         stats_.cached_sequences = kv_->cached_sequences();
         stats_.tokens_reused = kv_->reused_tokens();
     }
-    StepPlan plan = scheduler_.schedule([&] {
-        std::vector<Request*> v;
-        for (auto& r : running_) v.push_back(r.get());
-        return v;
-    }());
+    StepPlan plan = scheduler_->schedule();
     if (plan.empty()) return true;
 
     int ret = execute(plan);
@@ -664,11 +782,18 @@ bool Engine::step() {
         failed_steps_ = 0;
         update(plan);
     } else if (ret == 1) {
-        if (!handle_no_kv_slot(plan)) {
-            Request* r = running_.front().get();
+        // No room in the KV cache: the scheduler evicts an idle prefix cache or
+        // preempts a request; the next step retries with what remains.
+        KvRelief relief = scheduler_->relieve_kv_pressure();
+        if (relief == KvRelief::kNone) {
+            Request* r = scheduler_->running().front().get();
             finish(r, "error", "ContextOverflowError", "the KV cache cannot hold this request (" +
                    std::to_string(r->tokens.size()) + " tokens, n_ctx=" + std::to_string(n_ctx_) + ")");
-            running_.erase(running_.begin());
+            scheduler_->remove_finished();
+        } else {
+            std::lock_guard<std::mutex> lock(stats_mu_);
+            if (relief == KvRelief::kEvicted) stats_.evictions++;
+            else stats_.preemptions++;
         }
     } else {
         std::string msg = ret == -100 ? "llama_set_adapters_lora failed"

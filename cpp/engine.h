@@ -1,7 +1,14 @@
 // The serving loop: one llama_context, one scheduler thread. Callers submit
 // requests from any thread and read their output from the request's mailbox; the
 // thread runs  schedule -> execute (llama_decode) -> update (sample, stream)  until
-// closed. Everything llama.cpp touches is touched by that thread only.
+// closed. The Scheduler owns the queues, admission and preemption and returns each
+// step's plan; the Engine executes it and reports back.
+// Threads: the context is created and freed by the thread that constructs and
+// destroys the Engine, before the scheduler thread starts and after it ends; in
+// between only the scheduler thread calls llama.cpp with it, and adapter loads run
+// there too (queued tasks), because llama.cpp reads the model's adapter list while
+// it builds a decode graph. Callers' threads use only the immutable model
+// (tokenize, vocabulary) and compile grammars.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -58,6 +65,11 @@ struct EngineStats {
     double decode_ms = 0;
     uint64_t adapter_switches = 0;
     double adapter_switch_ms = 0;  // time in llama_set_adapters_lora
+    uint64_t closing_searches = 0; // closing searches of finished constrained requests (Constraint::closing)
+    uint64_t closing_checks = 0;   // tokens they validated
+    double closing_ms = 0;         // time in them (at submit and on the scheduler thread)
+    uint64_t closed_by_budget = 0; // requests whose value the engine closed
+    uint64_t closed_by_loop = 0;
 };
 
 struct AdapterInfo {
@@ -106,11 +118,18 @@ private:
     bool step();  // one schedule -> execute -> update; false once closed
     void recover(const char* what);
     void fail_request(Request* r, const std::string& what);
-    void admit();
+    void start_admitted();
     int execute(const StepPlan& plan);
     void update(const StepPlan& plan);
-    bool handle_no_kv_slot(const StepPlan& plan);
+    void publish_queue_depth();  // with mu_ held
     void sample_next(Request* r, int batch_index);
+    // Constrained requests: the next sampled token, or (closing non-empty, or
+    // closed_by set) the tokens that close the value instead. See engine.cpp.
+    void next_constrained(Request* r, int batch_index, llama_token* tok, std::vector<llama_token>* closing,
+                          std::string* closed_by);
+    // Samples without accepting: the chain's choice with `banned` tokens excluded.
+    llama_token sample_candidate(Request* r, int batch_index, const std::vector<llama_token>& banned);
+    int room(const Request* r) const;  // tokens the request may still append
     void finish(Request* r, const std::string& reason, const std::string& err_kind = "", const std::string& err_msg = "");
     void deliver(Request* r, const std::string& text, const std::vector<llama_token>& tokens, bool done);
     void fail_all(const std::string& kind, const std::string& msg);
@@ -122,7 +141,7 @@ private:
     int n_ctx_ = 0;
     int n_seq_max_ = 0;
     std::unique_ptr<KvCacheManager> kv_;
-    Scheduler scheduler_;
+    std::unique_ptr<Scheduler> scheduler_;  // scheduler thread only
     llama_batch batch_{};
 
     // submission queue (any thread) -> scheduler thread
@@ -132,24 +151,22 @@ private:
     // Work that touches the model's adapter list (load) runs on the scheduler thread,
     // between decodes: llama.cpp reads that list while it builds a decode graph.
     std::deque<std::function<void()>> tasks_;
-    size_t n_waiting_shared_ = 0;   // incoming + waiting, for overload checks
+    // The scheduler's waiting queue as the scheduler thread last published it (never
+    // counted by hand): submit refuses when incoming_ + this reaches max_queued.
+    size_t queued_ = 0;
     std::atomic<bool> stop_{false};
     std::atomic<bool> closed_{false};
     std::string broken_;            // set after a fatal decode error
     uint64_t next_id_ = 1;
 
     // scheduler thread only
-    std::deque<std::shared_ptr<Request>> waiting_;
-    std::vector<std::shared_ptr<Request>> running_;
-    std::string current_adapter_key_;
-    // Set by a preemption, cleared when a request finishes: while set nothing is
-    // admitted, so a preempted request cannot be re-admitted into the same full
-    // cache step after step (a livelock in which no request ever finished).
-    bool kv_pressure_ = false;
-    int failed_steps_ = 0;
-    bool busy_since_idle_ = false;  // served something since the engine was last idle  // consecutive steps that ended in recover(); too many stop the engine
+    std::string current_adapter_key_;  // adapter set on the context
+    int failed_steps_ = 0;             // consecutive steps that ended in recover(); too many stop the engine
+    bool busy_since_idle_ = false;     // served something since the engine was last idle
+    std::vector<llama_token_data> candidates_;  // sample_candidate's buffer
 
-    // adapters (loaded under mu_; used by the scheduler thread)
+    // adapters: loaded and freed by the scheduler thread (those left, by ~Engine after it
+    // ends); the registry is under mu_
     struct LoadedAdapter {
         llama_adapter_lora* ptr;
         std::string path;

@@ -18,7 +18,6 @@ MTLLM_ERROR(OverloadedError)       // admission queue full
 MTLLM_ERROR(EngineClosedError)     // engine closed (or stopped after a fatal error)
 MTLLM_ERROR(InvalidRequestError)   // parameters the engine cannot execute
 MTLLM_ERROR(EngineError)           // llama_decode failed fatally
-MTLLM_ERROR(CancelledError)        // the caller cancelled the request
 
 #undef MTLLM_ERROR
 

@@ -1,5 +1,7 @@
 #include "kv_cache_manager.h"
 
+#include <utility>
+
 namespace mtllm {
 
 namespace {
@@ -11,8 +13,8 @@ int common_prefix(const std::vector<llama_token>& a, const std::vector<llama_tok
 }
 }  // namespace
 
-KvCacheManager::KvCacheManager(llama_memory_t mem, int n_seq, bool prefix_reuse)
-    : mem_(mem), seqs_(size_t(n_seq)), prefix_reuse_(prefix_reuse) {}
+KvCacheManager::KvCacheManager(std::shared_ptr<KvMemory> mem, int n_seq, bool prefix_reuse)
+    : mem_(std::move(mem)), seqs_(size_t(n_seq)), prefix_reuse_(prefix_reuse) {}
 
 bool KvCacheManager::acquire(const std::vector<llama_token>& tokens, const std::string& key, bool allow_reuse,
                              SlotPlan* plan) {
@@ -37,7 +39,7 @@ bool KvCacheManager::acquire(const std::vector<llama_token>& tokens, const std::
     // costs no KV) and keep the source for the next request of its kind.
     auto take_in_place = [&](int s, int len) {
         Seq& q = seqs_[size_t(s)];
-        if (!llama_memory_seq_rm(mem_, s, len, -1)) return false;
+        if (!mem_->seq_rm(s, len, -1)) return false;
         q.busy = true;
         q.tokens.resize(size_t(len));
         q.last_use = clock_;
@@ -65,7 +67,7 @@ bool KvCacheManager::acquire(const std::vector<llama_token>& tokens, const std::
         return best >= 0 && !seqs_[size_t(best)].busy && take_in_place(best, best_len);
     }
     Seq& q = seqs_[size_t(pick)];
-    llama_memory_seq_rm(mem_, pick, -1, -1);
+    mem_->seq_rm(pick, -1, -1);
     q.tokens.clear();
     q.busy = true;
     q.key = key;
@@ -73,7 +75,7 @@ bool KvCacheManager::acquire(const std::vector<llama_token>& tokens, const std::
     int n_reuse = 0;
     if (best >= 0 && best_len > 0) {
         // Shares the source's cells for positions [0, best_len): no KV is copied.
-        llama_memory_seq_cp(mem_, best, pick, 0, best_len);
+        mem_->seq_cp(best, pick, 0, best_len);
         q.tokens.assign(tokens.begin(), tokens.begin() + best_len);
         n_reuse = best_len;
         reused_tokens_ += best_len;
@@ -97,7 +99,7 @@ void KvCacheManager::release(int seq) {
 
 void KvCacheManager::drop(int seq) {
     Seq& q = seqs_[size_t(seq)];
-    llama_memory_seq_rm(mem_, seq, -1, -1);
+    mem_->seq_rm(seq, -1, -1);
     q.tokens.clear();
     q.busy = false;
 }
@@ -112,11 +114,6 @@ bool KvCacheManager::evict_one() {
     if (victim < 0) return false;
     drop(victim);
     return true;
-}
-
-void KvCacheManager::clear_all() {
-    while (evict_one()) {
-    }
 }
 
 int KvCacheManager::cached_sequences() const {

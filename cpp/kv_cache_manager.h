@@ -3,14 +3,37 @@
 // prompt shares a prefix with any sequence (running or idle) under the same adapter
 // key starts from that prefix: in place if the sequence is idle, by llama.cpp's
 // cell-sharing `seq_cp` (no new KV) if it is running. Idle caches are evicted LRU.
+// The manager reaches llama.cpp's memory only through KvMemory, so that tests can
+// run it against a fake that records every call.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "llama.h"
 
 namespace mtllm {
+
+// The two llama.cpp memory calls the manager makes (positions [p0, p1), -1 = open end).
+class KvMemory {
+public:
+    virtual ~KvMemory() = default;
+    // llama_memory_seq_rm: false when the memory cannot drop part of a sequence.
+    virtual bool seq_rm(int seq, int p0, int p1) = 0;
+    // llama_memory_seq_cp: `dst` shares `src`'s cells for [p0, p1); no KV is copied.
+    virtual void seq_cp(int src, int dst, int p0, int p1) = 0;
+};
+
+class LlamaKvMemory final : public KvMemory {
+public:
+    explicit LlamaKvMemory(llama_memory_t mem) : mem_(mem) {}
+    bool seq_rm(int seq, int p0, int p1) override { return llama_memory_seq_rm(mem_, seq, p0, p1); }
+    void seq_cp(int src, int dst, int p0, int p1) override { llama_memory_seq_cp(mem_, src, dst, p0, p1); }
+
+private:
+    llama_memory_t mem_;
+};
 
 struct SlotPlan {
     int seq = -1;
@@ -19,7 +42,7 @@ struct SlotPlan {
 
 class KvCacheManager {
 public:
-    KvCacheManager(llama_memory_t mem, int n_seq, bool prefix_reuse);
+    KvCacheManager(std::shared_ptr<KvMemory> mem, int n_seq, bool prefix_reuse);
 
     // Picks a sequence for `tokens` and prepares its KV; false when every sequence
     // is busy. Never reuses all of `tokens`: the last one must be decoded for logits.
@@ -28,7 +51,6 @@ public:
     void release(int seq);   // request finished: keep its KV as cache
     void drop(int seq);      // forget the KV (preemption, errors)
     bool evict_one();        // frees the least recently used idle cache; false if none
-    void clear_all();        // drop every idle cache (e.g. after an adapter is unloaded)
 
     int n_seq() const { return int(seqs_.size()); }
     int64_t reused_tokens() const { return reused_tokens_; }
@@ -41,7 +63,7 @@ private:
         std::string key;
         uint64_t last_use = 0;
     };
-    llama_memory_t mem_;
+    std::shared_ptr<KvMemory> mem_;
     std::vector<Seq> seqs_;
     bool prefix_reuse_;
     uint64_t clock_ = 0;

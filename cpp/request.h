@@ -29,6 +29,12 @@ struct SamplingParams {
     std::vector<std::string> stop;
     bool ignore_eos = false;
     bool logits_all = false;  // return logits of every prompt position (tests, scoring)
+    // Constrained output only: end a repetition loop (one item repeated) by closing
+    // the value early. Off by default: some outputs repeat legitimately.
+    bool loop_guard = false;
+    // Constrained output only: steer the value to close within max_tokens and the
+    // context (budget-aware closing). Off: the old behaviour, a valid prefix only.
+    bool close_at_budget = true;
 };
 
 // The adapters a request runs under: (adapter id, scale), sorted by id. Adapter ids
@@ -80,6 +86,7 @@ struct Request {
     std::vector<llama_token> out_tokens;
     bool done = false;
     std::string finish_reason;       // "stop", "length", "cancelled", "error"
+    std::string closed_by;           // "" (the model ended it), "budget" or "loop": the engine closed the value
     std::string error_kind, error_message;
     RequestStats stats;
     std::vector<float> logits;       // logits_all: prompt_tokens x n_vocab, whole rows only

@@ -1,6 +1,7 @@
 #include "text_stream.h"
 
 #include <algorithm>
+#include <utility>
 
 namespace mtllm {
 
@@ -23,25 +24,22 @@ size_t utf8_complete_prefix(const std::string& s) {
 
 TextStream::TextStream(std::vector<std::string> stops) : stops_(std::move(stops)) {
     stops_.erase(std::remove(stops_.begin(), stops_.end(), std::string()), stops_.end());
-    for (const auto& s : stops_) max_stop_ = std::max(max_stop_, s.size());
 }
 
 std::string TextStream::push(const std::string& piece, bool* stopped) {
     *stopped = false;
     pending_ += piece;
     if (!stops_.empty()) {
-        // A stop may start inside already-emitted text only if it was held back,
-        // so searching text_'s held tail + pending_ is enough; text_ itself never
-        // ends with a stop prefix because we hold those back.
-        std::string window = pending_;
+        // Emitted text never ends with a proper prefix of a stop string (those are
+        // held back below), so a stop string cannot start in it: searching pending_
+        // is enough. The earliest stop wins.
         size_t best = std::string::npos;
         for (const auto& s : stops_) {
-            size_t p = window.find(s);
+            size_t p = pending_.find(s);
             if (p < best) best = p;
         }
         if (best != std::string::npos) {
-            std::string out = window.substr(0, best);
-            text_ += out;
+            std::string out = pending_.substr(0, best);
             pending_.clear();
             *stopped = true;
             return out;
@@ -60,14 +58,12 @@ std::string TextStream::push(const std::string& piece, bool* stopped) {
     }
     std::string out = pending_.substr(0, emit);
     pending_.erase(0, emit);
-    text_ += out;
     return out;
 }
 
 std::string TextStream::flush() {
     std::string out;
     out.swap(pending_);
-    text_ += out;
     return out;
 }
 

@@ -16,12 +16,9 @@ public:
     std::string push(const std::string& piece, bool* stopped);
     // End of generation: releases held-back text (a partial stop is just text).
     std::string flush();
-    const std::string& text() const { return text_; }
 
 private:
     std::vector<std::string> stops_;
-    size_t max_stop_ = 0;
-    std::string text_;     // emitted so far
     std::string pending_;  // received, not yet emitted
 };
 

@@ -117,3 +117,26 @@ def test_broken_store_does_not_break_the_program(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[0].startswith("Sentiment.")
     assert "call capture failed" in proc.stderr
+
+
+def test_typed_shapes_that_ran_away_now_complete(tmp_path):
+    """Issue 13's two shapes, written as for a cloud model, with networking cut: a list of
+    objects and an object of free strings come back complete on the first model turn,
+    within the budget the provider chose from the schema (byllm sends none)."""
+    proc = jac_run(EXAMPLES / "ticket_and_invoice.jac", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    ticket, *invoices = proc.stdout.strip().splitlines()[-4:]
+    customer, urgent, n_items, _ = ticket.split("|", 3)
+    assert customer and urgent in ("True", "False") and int(n_items) >= 0
+    assert len(invoices) == 3 and all(len(line.split("|")) == 3 for line in invoices)
+    from mtllm_locally.serve.typed_calls import MAX_BUDGET
+
+    store = Store(tmp_path / ".mtllm_locally" / "calls.sqlite3")
+    calls = store.calls()
+    assert len(calls) == 4
+    for c in calls:
+        (turn,) = store.turns(c["invocation_id"])  # no retry
+        assert c["accepted"] == 1 and turn["attempt"] == 1
+        json.loads(turn["output_text"])
+        assert turn["completion_tokens"] <= MAX_BUDGET
+        assert (turn["finish_reason"] == "length") == (turn["closed_by"] == "budget")

@@ -71,6 +71,13 @@ class SamplingParams:
     seed: int | None = None        # None = random (only matters when temperature > 0)
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # Constrained output only: a value whose last tokens repeat one item (3+ copies, or
+    # 4+ whose numbers differ: "item1", "item2", ...) is closed early (closed_by="loop").
+    # Off by default: some outputs repeat legitimately.
+    loop_guard: bool = False
+    # Constrained output only: close the value within max_tokens and the context (on by
+    # default; off gives the old behaviour: a valid prefix, cut at the limit).
+    close_at_budget: bool = True
 
     def __post_init__(self):
         def bad(name, why):
@@ -98,8 +105,9 @@ class SamplingParams:
             bad("repeat_penalty", "must be > 0")
         if self.repeat_last_n < -1:
             bad("repeat_last_n", "must be >= -1")
-        if not isinstance(self.ignore_eos, bool):
-            bad("ignore_eos", "must be True or False")
+        for name in ("ignore_eos", "loop_guard", "close_at_budget"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be True or False")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32 - 1):
             bad("seed", "must be an int in [0, 2**32 - 1)")
         stop = self.stop
@@ -197,6 +205,10 @@ class Completion:
     cached_tokens: int           # prompt tokens served from the prefix cache
     completion_tokens: int
     timings: dict[str, float] = field(default_factory=dict)  # queue_ms, ttft_ms, total_ms
+    # Constrained output the engine closed itself (still a complete, valid value):
+    # "budget" (max_tokens or the context was running out; finish_reason "length") or
+    # "loop" (SamplingParams.loop_guard; finish_reason "stop"). None: the model closed it.
+    closed_by: str | None = None
 
 
 @dataclass
@@ -262,7 +274,8 @@ class Request:
             text="".join(self._text), finish_reason=out["finish_reason"], token_ids=list(self._tokens),
             prompt_tokens=s["prompt_tokens"], cached_tokens=s["cached_tokens"],
             completion_tokens=s["completion_tokens"],
-            timings={k: s[k] for k in ("queue_ms", "ttft_ms", "total_ms")})
+            timings={k: s[k] for k in ("queue_ms", "ttft_ms", "total_ms")},
+            closed_by=out.get("closed_by") or None)
 
     def logits(self):
         """(prompt_tokens, n_vocab) float32 array; only for submit(..., logits_all=True)."""
