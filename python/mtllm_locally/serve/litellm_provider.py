@@ -13,9 +13,11 @@ metadata (byllm's jac_caller_name / jac_invocation_id name the task and the call
 stream_options, parallel_tool_calls (one call per turn), timeout, api_key, api_base.
 Anything else raises InvalidRequestError (as a 400), never a silent misbehaviour.
 
-What the pipeline decides (greedy typed calls, byllm's ReAct protocol, teacher,
-capture) is in pipeline.py and react_guard.py. The temperature actually used, the
-prompt tokens served from the prefix cache and the timings are in the response's
+What the pipeline decides (greedy typed calls with a budget, loop guard and varied
+retries, byllm's ReAct protocol, teacher, capture) is in pipeline.py, typed_calls.py
+and react_guard.py. The temperature actually used, the prompt tokens served from the
+prefix cache, the timings and `closed_by` (the engine closed a typed value: "budget"
+or "loop"; finish_reason says "length" for a budget) are in the response's
 `_hidden_params["mtllm_locally"]`.
 """
 
@@ -127,7 +129,8 @@ def to_model_response(response: ModelResponse, model: str, answer: Answer) -> Mo
     response.usage = Usage(prompt_tokens=answer.prompt_tokens, completion_tokens=answer.completion_tokens,
                            total_tokens=answer.prompt_tokens + answer.completion_tokens)
     response._hidden_params["mtllm_locally"] = {"temperature": answer.temperature,
-                                                "cached_tokens": answer.cached_tokens, "timings": answer.timings}
+                                                "cached_tokens": answer.cached_tokens, "timings": answer.timings,
+                                                "closed_by": answer.choices[0].closed_by}
     return response
 
 

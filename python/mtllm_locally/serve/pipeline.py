@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
 from ..engine import Completion, Engine
 from ..errors import InvalidRequestError
 from ..state.task import task_key
-from . import react_guard, teacher
+from . import react_guard, teacher, typed_calls
 from .router import BASE, Route
 
 if TYPE_CHECKING:
@@ -48,6 +48,7 @@ class Choice:
     text: str | None                    # None when the answer is a tool call
     tool_calls: list[dict] | None       # OpenAI tool calls
     finish_reason: str                  # "stop" | "length" | "tool_calls" | "cancelled" (as the engine said)
+    closed_by: str | None = None        # the engine closed the value: "budget" or "loop" (still complete)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,8 @@ class Call:
     route: Route
     temperature: float
     tool_choice: Any
+    sampling: dict                      # the request's, with the typed-call policy applied
+    attempt: int = 1                    # > 1: byllm asks again for a call whose answer it rejected
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -88,7 +91,7 @@ class Call:
     def submit_kwargs(self, i: int = 0) -> dict:
         """Engine.submit keywords for choice `i`."""
         req = self.request
-        kw = {**req.sampling, "messages": req.messages, "temperature": self.temperature,
+        kw = {**self.sampling, "messages": req.messages, "temperature": self.temperature,
               "response_format": req.response_format}
         if req.tools:
             kw["tools"], kw["tool_choice"] = req.tools, self.tool_choice
@@ -165,10 +168,20 @@ class CallPipeline:
             temperature = rt.settings.task_temperature[function]
         elif typed and rt.settings.typed_temperature is not None:
             temperature = rt.settings.typed_temperature
+        sampling, attempt = dict(request.sampling), 1
+        if typed and rt.settings.typed_guard:
+            if sampling.get("max_tokens") is None:
+                sampling["max_tokens"] = typed_calls.budget(request.response_format, request.tools)
+            sampling["loop_guard"] = True
+            attempt = rt.attempt_of(request.metadata.get("jac_invocation_id"))
+            if attempt > 1:
+                sampling, temperature = typed_calls.retry_sampling(sampling, temperature, attempt)
+        elif typed:
+            sampling["close_at_budget"] = False  # the old behaviour, for comparison (the bench's "before")
         engine = rt.engines.get(request.model)
         key = task_key(function, request.messages, request.response_format, request.tools)
         route = rt.route(engine, key) if function else BASE
-        return Call(request, function, key, engine, route, temperature, tool_choice)
+        return Call(request, function, key, engine, route, temperature, tool_choice, sampling, attempt)
 
     def _served(self, call: Call, completions: list[Completion]) -> Answer:
         choices = [_choice(c, call.tools) for c in completions]
@@ -201,12 +214,13 @@ class CallPipeline:
             output_text=choice.text, tool_calls=choice.tool_calls, finish_reason=choice.finish_reason,
             latency_ms=1000 * (time.perf_counter() - call.started), prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens, cached_tokens=cached_tokens, temperature=call.temperature,
-            adapter=call.route.adapter_id, source=source, shadow_output=shadow_output)
+            adapter=call.route.adapter_id, source=source, shadow_output=shadow_output, closed_by=choice.closed_by,
+            attempt=call.attempt)
 
     def _teacher_kwargs(self, call: Call) -> dict:
         req = call.request
         return teacher.request(req.messages, call.temperature, req.response_format, req.tools, call.tool_choice,
-                               req.sampling)
+                               req.sampling)  # the program's own bounds, not our typed-call policy
 
     def _emitted(self, step: Emit) -> TextDelta | Answer:
         """An event for the caller; run in the caller's own context, so that after an
@@ -342,8 +356,8 @@ def _cancel_unfinished(requests) -> None:
 def _choice(c: Completion, tools: list | None) -> Choice:
     calls = tool_calls_in(c.text, tools)
     if calls:
-        return Choice(None, calls, "tool_calls")
-    return Choice(c.text, None, c.finish_reason)
+        return Choice(None, calls, "tool_calls", c.closed_by)
+    return Choice(c.text, None, c.finish_reason, c.closed_by)
 
 
 def tool_calls_in(text: str, tools: list | None) -> list[dict] | None:

@@ -37,6 +37,9 @@ class Settings:
     typed_temperature: float | None = 0.0            # None: honour the request's temperature
     task_temperature: dict[str, float] = field(default_factory=dict)  # per Jac function
     max_tool_turns: int = 8                          # ReAct: after this many tool calls, finish_tool
+    # Typed calls: a budget from the schema, the loop guard, retries that differ (typed_calls.py).
+    # MTLLM_LOCALLY_TYPED_GUARD=0 turns it off (the bench's "before").
+    typed_guard: bool = field(default_factory=lambda: os.environ.get("MTLLM_LOCALLY_TYPED_GUARD", "1") != "0")
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,17 @@ class Runtime:
         except Exception as e:  # the deployed pointer cannot be read: the base model still answers
             log.warning("routing %s failed (serving the base model): %s: %s", task_key, type(e).__name__, e)
             return BASE
+
+    def attempt_of(self, invocation_id: str | None) -> int:
+        """1 for a call's first answer; n when byllm already had n - 1 final answers to it."""
+        if not invocation_id or self.suppressed.get():
+            return 1
+        st = self.store_or_none()
+        try:
+            return 1 + (st.answers(invocation_id) if st is not None else 0)
+        except Exception as e:
+            log.warning("reading earlier attempts failed: %s: %s", type(e).__name__, e)
+            return 1
 
     def record_turn(self, *, invocation_id: str | None, task_key: str, function: str | None, model: str,
                     model_path: str | None, **turn: Any) -> str | None:

@@ -131,6 +131,14 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE adapters ADD COLUMN owner_start TEXT;
     ALTER TABLE adapters ADD COLUMN heartbeat_at REAL;
     """,
+    # v4: typed calls. Which attempt of the call a turn answers (byllm retries a call whose
+    # answer it rejected), and whether the engine closed the value itself ("budget": the
+    # token budget was running out; "loop": the output repeated one item), so a value that
+    # is complete but truncated is never mistaken for the model's own.
+    """
+    ALTER TABLE turns ADD COLUMN attempt INTEGER DEFAULT 1;
+    ALTER TABLE turns ADD COLUMN closed_by TEXT;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -225,9 +233,11 @@ class Store:
                     messages: list, response_format: Any = None, tools: Any = None, output_text: str | None,
                     tool_calls: Any = None, finish_reason: str | None, latency_ms: float, prompt_tokens: int,
                     completion_tokens: int, cached_tokens: int = 0, temperature: float | None = None,
-                    adapter: str | None = None, source: str = "model", shadow_output: str | None = None) -> None:
+                    adapter: str | None = None, source: str = "model", shadow_output: str | None = None,
+                    attempt: int = 1, closed_by: str | None = None) -> None:
         """`source`: who produced the output ("model", or "teacher:<model>" in distillation);
-        `shadow_output`: the served model's own answer when a teacher answered."""
+        `shadow_output`: the served model's own answer when a teacher answered; `attempt`:
+        which answer to the call this is; `closed_by`: the engine closed the value."""
         now = time.time()
         with self.transaction() as db:
             db.execute(
@@ -238,11 +248,11 @@ class Store:
             db.execute(
                 "INSERT INTO turns (invocation_id, turn_index, created_at, messages_json, response_format_json, "
                 "tools_json, output_text, tool_calls_json, finish_reason, latency_ms, prompt_tokens, "
-                "completion_tokens, cached_tokens, temperature, model, adapter, source, shadow_output) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "completion_tokens, cached_tokens, temperature, model, adapter, source, shadow_output, attempt, "
+                "closed_by) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (invocation_id, n, now, _dumps(messages), _dumps(response_format), _dumps(tools), output_text,
                  _dumps(tool_calls), finish_reason, latency_ms, prompt_tokens, completion_tokens, cached_tokens,
-                 temperature, model, adapter, source, shadow_output))
+                 temperature, model, adapter, source, shadow_output, attempt, closed_by))
             db.execute(
                 "UPDATE calls SET n_turns=n_turns+1, output_text=?, latency_ms=COALESCE(latency_ms,0)+?, "
                 "prompt_tokens=prompt_tokens+?, completion_tokens=completion_tokens+?, temperature=?, model=?, "
@@ -302,6 +312,12 @@ class Store:
 
     def turns(self, invocation_id: str) -> list[dict]:
         return self.rows("SELECT * FROM turns WHERE invocation_id=? ORDER BY turn_index", (invocation_id,))
+
+    def answers(self, invocation_id: str) -> int:
+        """Final answers (turns that are not tool calls) already recorded for a call."""
+        (row,) = self.rows("SELECT COUNT(*) AS n FROM turns WHERE invocation_id=? "
+                           "AND COALESCE(finish_reason, '') != 'tool_calls'", (invocation_id,))
+        return row["n"]
 
     def feedback(self, invocation_id: str) -> list[dict]:
         return self.rows("SELECT * FROM feedback WHERE invocation_id=? ORDER BY id", (invocation_id,))
