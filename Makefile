@@ -11,6 +11,7 @@ bench: setup
 	.venv/bin/python -m mtllm_locally.bench inference
 	.venv/bin/python -m mtllm_locally.bench adapters
 	.venv/bin/python -m mtllm_locally.bench jac
+	.venv/bin/python -m mtllm_locally.bench typed
 	.venv/bin/python -m mtllm_locally.bench train
 	.venv/bin/python -m mtllm_locally.bench loop
 	.venv/bin/python -m mtllm_locally.bench robustness

@@ -99,3 +99,10 @@ def test_the_guard_can_be_switched_off(tmp_path, tiny_model_path, monkeypatch):
                                             metadata={"jac_caller_name": "f", "jac_invocation_id": "i"}))
         assert "max_tokens" not in call.sampling and "loop_guard" not in call.sampling and call.attempt == 1
         assert call.sampling["close_at_budget"] is False
+        rt.calls.complete(CallRequest(model=tiny_model_path, messages=[{"role": "user", "content": "x"}],
+                                      response_format=rf(ITEM), sampling={"max_tokens": 30},
+                                      metadata={"jac_caller_name": "f", "jac_invocation_id": "i"}))
+        again = rt.calls.prepare(CallRequest(model=tiny_model_path, messages=[{"role": "user", "content": "x"}],
+                                             response_format=rf(ITEM), sampling={"temperature": 0.0},
+                                             metadata={"jac_caller_name": "f", "jac_invocation_id": "i"}))
+        assert again.attempt == 2 and again.temperature == 0.0  # marked, not varied, with the guard off

@@ -23,6 +23,12 @@ def _loop(**kw):
     return loop.run(**kw)
 
 
+def _typed(**kw):
+    from . import typed  # needs the jac extra
+
+    return typed.run(**kw)
+
+
 def _robustness(**kw):
     from . import robustness  # runs the fuzz corpus and a soak on the default model
 
@@ -30,7 +36,7 @@ def _robustness(**kw):
 
 
 SECTIONS = {"inference": inference.run, "adapters": adapters.run, "jac": _jac, "train": _train, "loop": _loop,
-            "robustness": _robustness, "amx": amx.run}
+            "robustness": _robustness, "amx": amx.run, "typed": _typed}
 
 
 def main(argv=None) -> int:
@@ -49,7 +55,7 @@ def main(argv=None) -> int:
         print("\nratios:")
         for k, v in result["ratios"].items():
             goal = result.get("goals", {}).get(k, "")
-            print(f"  {k:28s} {v:8.2f}   {goal}")
+            print(f"  {k:36s} {v:8.2f}   {goal}")
     return 0
 
 

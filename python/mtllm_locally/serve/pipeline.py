@@ -168,12 +168,12 @@ class CallPipeline:
             temperature = rt.settings.task_temperature[function]
         elif typed and rt.settings.typed_temperature is not None:
             temperature = rt.settings.typed_temperature
-        sampling, attempt = dict(request.sampling), 1
+        sampling = dict(request.sampling)
+        attempt = rt.attempt_of(request.metadata.get("jac_invocation_id")) if typed else 1
         if typed and rt.settings.typed_guard:
             if sampling.get("max_tokens") is None:
                 sampling["max_tokens"] = typed_calls.budget(request.response_format, request.tools)
             sampling["loop_guard"] = True
-            attempt = rt.attempt_of(request.metadata.get("jac_invocation_id"))
             if attempt > 1:
                 sampling, temperature = typed_calls.retry_sampling(sampling, temperature, attempt)
         elif typed:
