@@ -11,27 +11,14 @@ from pathlib import Path
 
 import pytest
 
+from mtllm_locally.bench.offline import offline_pythonpath
 from mtllm_locally.state.store import Store
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 JAC = Path(sys.executable).with_name("jac")
 
-NO_NETWORK = textwrap.dedent("""
-    import socket
-    def _refuse(*a, **k):
-        raise OSError("network blocked by the mtllm_locally test")
-    socket.socket.connect = _refuse
-    socket.socket.connect_ex = _refuse
-    socket.create_connection = _refuse
-    socket.getaddrinfo = _refuse
-""")
-
-
 def jac_run(program: Path, workdir: Path, env_extra: dict | None = None) -> subprocess.CompletedProcess:
-    blocker = workdir / "_offline"
-    blocker.mkdir(exist_ok=True)
-    (blocker / "sitecustomize.py").write_text(NO_NETWORK)
-    env = dict(os.environ, PYTHONPATH=str(blocker), **(env_extra or {}))
+    env = dict(os.environ, PYTHONPATH=offline_pythonpath(workdir), **(env_extra or {}))  # sockets refused
     env.pop("LITELLM_LOCAL_MODEL_COST_MAP", None)  # our provider must set it itself
     shutil.copy(program, workdir / program.name)
     return subprocess.run([str(JAC), "run", program.name], cwd=workdir, env=env, capture_output=True, text=True,

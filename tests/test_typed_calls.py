@@ -45,6 +45,15 @@ def test_budget_survives_odd_schemas():
                    {"type": "array"}, {"properties": {"a": {"$ref": "#/$defs/A"}}, "$defs": {"A": {"$ref": "#/$defs/A"}}}):
         assert typed_calls.MIN_BUDGET <= typed_calls.budget(rf(schema), None) <= typed_calls.MAX_BUDGET
     assert typed_calls.budget({"type": "json_object"}, None) >= typed_calls.MIN_BUDGET
+    # a recursive schema that branches: 2**32 paths to depth 32; the estimate visits a bounded number
+    tree = {"$ref": "#/$defs/T", "$defs": {"T": {"type": "object", "properties": {
+        "left": {"$ref": "#/$defs/T"}, "right": {"$ref": "#/$defs/T"}}}}}
+    assert typed_calls.budget(rf(tree), None) == typed_calls.MAX_BUDGET
+    assert typed_calls.budget(rf({"type": "object", "properties": ["a", "b"]}), None) >= typed_calls.MIN_BUDGET
+    assert typed_calls.budget(rf({"enum": [{1, 2}]}), None) == typed_calls.MAX_BUDGET  # unreadable: the cap
+    assert typed_calls.budget(None, [{"function": {"parameters": "nope"}}, "x"]) >= typed_calls.MIN_BUDGET
+    bad_defs = {"$ref": "#/$defs/A", "$defs": ["not", "a", "mapping"]}
+    assert typed_calls.budget(rf(bad_defs), None) >= typed_calls.MIN_BUDGET
 
 
 def test_retries_sample_with_another_seed():

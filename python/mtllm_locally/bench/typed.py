@@ -55,6 +55,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from ..state.store import Store
+from .offline import offline_pythonpath
 
 GOALS = {"typed_complete_rate": "= 1.0", "typed_retries": "= 0", "p95_typed_latency_vs_median": "<= 3",
          "labelled_accuracy_after_vs_before": ">= 1"}
@@ -68,16 +69,6 @@ FUNCTIONS = {"sentiment": "classify_sentiment", "department": "route_department"
              "ticket": "summarize", "int": "quantity_ordered", "float": "price_of", "bool": "wants_refund",
              "tool": "warmest_city"}
 SHAPES = tuple(FUNCTIONS)
-
-NO_NETWORK = """\
-import socket
-def _refuse(*a, **k):
-    raise OSError("network blocked by the mtllm_locally typed bench")
-socket.socket.connect = _refuse
-socket.socket.connect_ex = _refuse
-socket.create_connection = _refuse
-socket.getaddrinfo = _refuse
-"""
 
 # ----------------------------------------------------------------------------- the suite
 # Every input but the keywords' states its answer plainly: that is the labelled subset.
@@ -434,12 +425,9 @@ def _run_program(workdir: Path, cases: list[dict], guard: bool, name: str, log, 
     shutil.copy(PROGRAM, workdir / PROGRAM.name)
     suite_path, out_path = workdir / "suite.tsv", workdir / "results.jsonl"
     suite_path.write_text("".join(f"{c['i']}\t{c['shape']}\t{c['text']}\n" for c in cases), encoding="utf-8")
-    blocker = workdir / "_offline"
-    blocker.mkdir(exist_ok=True)
-    (blocker / "sitecustomize.py").write_text(NO_NETWORK)
     env = dict(os.environ, BENCH_MODEL=MODEL, BENCH_SUITE=str(suite_path), BENCH_OUT=str(out_path),
                MTLLM_LOCALLY_LEARN="0",  # no training in the background: latency is the calls' own
-               PYTHONPATH=os.pathsep.join(p for p in (str(blocker), os.environ.get("PYTHONPATH")) if p))
+               PYTHONPATH=offline_pythonpath(workdir, os.environ.get("PYTHONPATH")))
     for var in ("MTLLM_LOCALLY_STORE", "MTLLM_LOCALLY_CAPTURE", GUARD_ENV):  # the store in workdir, capture on
         env.pop(var, None)
     if not guard:

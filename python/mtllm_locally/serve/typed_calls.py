@@ -22,17 +22,27 @@ STRING_TOKENS = 24     # a name, a date, a short phrase; longer text closes at t
 ARRAY_ITEMS = 6        # items to leave room for when the schema gives no maxItems
 RETRY_TEMPERATURE = 0.7
 MAX_DEPTH = 32
+MAX_NODES = 2000       # schema nodes visited per estimate: a $ref graph that branches is not walked out
 
 
 def budget(response_format: Any, tools: list | None) -> int:
-    """max_tokens for a typed call that did not set one."""
+    """max_tokens for a typed call that did not set one. An estimate only: a schema it
+    cannot read gets the cap (the constraint itself rejects a bad schema at submit)."""
+    try:
+        return _budget(response_format, tools)
+    except (TypeError, ValueError, AttributeError, RecursionError):
+        return MAX_BUDGET
+
+
+def _budget(response_format: Any, tools: list | None) -> int:
     if tools:
-        sizes = [_size((t.get("function") or {}).get("parameters") or {}, {}, 0) + 12
+        sizes = [_size((t.get("function") or {}).get("parameters") or {}, {}, 0, [MAX_NODES]) + 12
                  for t in tools if isinstance(t, dict)]
         est = max(sizes, default=STRING_TOKENS)
     else:
         schema = _schema(response_format)
-        est = _size(schema, schema.get("$defs") or schema.get("definitions") or {}, 0) if schema else 128
+        defs = schema.get("$defs") or schema.get("definitions") or {} if schema else {}
+        est = _size(schema, defs if isinstance(defs, dict) else {}, 0, [MAX_NODES]) if schema else 128
     return max(MIN_BUDGET, min(MAX_BUDGET, math.ceil(est * 1.5) + 16))
 
 
@@ -43,29 +53,30 @@ def _schema(response_format: Any) -> dict | None:
     return None
 
 
-def _size(s: Any, defs: dict, depth: int) -> float:
-    """Rough tokens of a typical value of schema `s`."""
-    if not isinstance(s, dict) or depth > MAX_DEPTH:
+def _size(s: Any, defs: dict, depth: int, nodes: list[int]) -> float:
+    """Rough tokens of a typical value of schema `s`; `nodes` is the visits left (shared)."""
+    nodes[0] -= 1
+    if not isinstance(s, dict) or depth > MAX_DEPTH or nodes[0] < 0:
         return STRING_TOKENS
     ref = s.get("$ref")
     if isinstance(ref, str) and ref.startswith("#/"):
         target = defs.get(ref.rsplit("/", 1)[-1])
-        return _size(target, defs, depth + 1) if target is not None else STRING_TOKENS
+        return _size(target, defs, depth + 1, nodes) if target is not None else STRING_TOKENS
     for key in ("anyOf", "oneOf"):
         if isinstance(s.get(key), list) and s[key]:
-            return max(_size(x, defs, depth + 1) for x in s[key])
+            return max(_size(x, defs, depth + 1, nodes) for x in s[key])
     if isinstance(s.get("enum"), list) and s["enum"]:
         return max(len(json.dumps(v)) for v in s["enum"]) / 2 + 2
     kind = s.get("type")
     if isinstance(kind, list):
         kind = next((k for k in kind if k != "null"), "null")
     if kind == "object" or "properties" in s:
-        props = s.get("properties") or {}
-        return 2 + sum(4 + len(str(k)) / 3 + _size(v, defs, depth + 1) for k, v in props.items())
+        props = s.get("properties") if isinstance(s.get("properties"), dict) else {}
+        return 2 + sum(4 + len(str(k)) / 3 + _size(v, defs, depth + 1, nodes) for k, v in props.items())
     if kind == "array":
         n = s.get("maxItems") if isinstance(s.get("maxItems"), int) else ARRAY_ITEMS
         n = max(min(n, ARRAY_ITEMS), s.get("minItems") if isinstance(s.get("minItems"), int) else 0)
-        return 2 + n * (1 + _size(s.get("items") or {}, defs, depth + 1))
+        return 2 + n * (1 + _size(s.get("items") or {}, defs, depth + 1, nodes))
     if kind == "string":
         if isinstance(s.get("maxLength"), int):
             return min(STRING_TOKENS * 4, s["maxLength"] / 2 + 2)
