@@ -31,6 +31,7 @@ def rt(tmp_path, tiny_model_path):
         runtime.policy.reset()
         runtime.policy.configure(**POLICY)
         runtime.policy.configure("classify", **TEACHER)  # other tasks have no teacher
+        runtime.settings.max_shadows = 64  # every call's student runs in shadow (step 1 checks them all)
         yield runtime
 
 
@@ -51,6 +52,7 @@ def test_calls_to_promoted_adapter_and_rollback(rt, tiny_model_path):
     # 1. While no adapter is deployed, the teacher answers and the student runs in shadow.
     for i in range(60):
         assert json.loads(call(rt, tiny_model_path, i)) == json.loads(answer_for(messages(i, word_of(i))))
+    assert rt.shadows.wait(240)  # the students finish after their calls returned
     rows = st.rows("SELECT source, shadow_output, adapter FROM turns")
     assert len(rows) == 60 and all(r["source"] == "teacher:oracle/labeller" for r in rows)
     assert all(r["shadow_output"] and r["shadow_output"].startswith("{") for r in rows)

@@ -40,6 +40,17 @@ def test_turns_accumulate_and_byllm_verdict_marks_retries(tmp_path):
     assert [t["accepted"] for t in s.turns("inv")] == [0, 1]
 
 
+def test_a_shadow_answer_fills_its_own_turn_once(tmp_path):
+    s = Store(tmp_path / "s.sqlite3")
+    assert [s.record_turn(invocation_id="inv", task_key="f:abc", function="f", model="m", messages=[],
+                          output_text=t, finish_reason="stop", latency_ms=1.0, prompt_tokens=1, completion_tokens=1)
+            for t in ("a", "b")] == [0, 1]  # the turn's index within its call
+    assert s.set_shadow_output("inv", 1, "student")
+    assert not s.set_shadow_output("inv", 1, "again")  # never overwritten
+    assert not s.set_shadow_output("inv", 7, "student") and not s.set_shadow_output("other", 0, "student")
+    assert [t["shadow_output"] for t in s.turns("inv")] == [None, "student"]
+
+
 def test_feedback(tmp_path):
     s = Store(tmp_path / "c.sqlite3")
     turn(s, "inv")

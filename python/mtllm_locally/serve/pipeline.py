@@ -9,18 +9,23 @@ One core (`_core`): it decides, and asks a driver for each step that waits (a
 model load, the engine, the teacher, a store write). Two drivers run it: a blocking
 one in the caller's thread (`complete`, `stream`) and an asyncio one on the caller's
 event loop (`acomplete`, `astream`). The provider only translates shapes.
+
+A call the teacher answers returns as soon as the teacher does: its student, run in
+shadow on the same input, is left to the runtime's shadows (shadows.py), which store
+its answer into the captured turn when it finishes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
 
-from ..engine import Completion, Engine
+from ..engine import Completion, Engine, Request
 from ..errors import InvalidRequestError
 from ..state.task import task_key
 from . import react_guard, teacher, typed_calls
@@ -28,6 +33,8 @@ from .router import BASE, Route
 
 if TYPE_CHECKING:
     from .runtime import Runtime
+
+log = logging.getLogger("mtllm_locally.pipeline")
 
 
 @dataclass(frozen=True)
@@ -123,7 +130,7 @@ class Stream:           # run choice 0, emitting its text unless `hold` -> [Comp
 
 
 @dataclass(frozen=True)
-class Teach:            # the teacher answers, the student in shadow -> (response, Completion | None)
+class Teach:            # the teacher answers, the student left running in shadow -> (response, Request | None)
     call: Call
     policy: Any
 
@@ -193,19 +200,23 @@ class CallPipeline:
                       cached_tokens=first.cached_tokens, temperature=call.temperature, source="model",
                       adapter=call.route.adapter_id, invocation_id=inv, timings=first.timings)
 
-    def _taught(self, call: Call, policy, response, student: Completion | None) -> Answer:
-        text, tool_calls, finish, prompt_tokens, completion_tokens = teacher.reply_of(response)
+    def _taught(self, call: Call, policy, response, shadow: Request | None) -> Answer:
+        try:
+            text, tool_calls, finish, prompt_tokens, completion_tokens = teacher.reply_of(response)
+        except BaseException:
+            _cancel(shadow)
+            raise
         choice = Choice(text, tool_calls, finish)
         source = f"teacher:{policy.teacher}"
         inv = self._capture(call, choice, source=source, prompt_tokens=prompt_tokens,
                             completion_tokens=completion_tokens, cached_tokens=0, model=policy.teacher,
-                            shadow_output=student.text if student is not None else None)
+                            shadow=shadow)
         return Answer(choices=[choice], prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                       cached_tokens=0, temperature=call.temperature, source=source, adapter=call.route.adapter_id,
                       invocation_id=inv, teacher_response=response)
 
     def _capture(self, call: Call, choice: Choice, *, source: str, prompt_tokens: int, completion_tokens: int,
-                 cached_tokens: int, model: str | None = None, shadow_output: str | None = None) -> str | None:
+                 cached_tokens: int, model: str | None = None, shadow: Request | None = None) -> str | None:
         req = call.request
         return self.runtime.record_turn(
             invocation_id=req.metadata.get("jac_invocation_id"), task_key=call.task_key, function=call.function,
@@ -214,7 +225,7 @@ class CallPipeline:
             output_text=choice.text, tool_calls=choice.tool_calls, finish_reason=choice.finish_reason,
             latency_ms=1000 * (time.perf_counter() - call.started), prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens, cached_tokens=cached_tokens, temperature=call.temperature,
-            adapter=call.route.adapter_id, source=source, shadow_output=shadow_output, closed_by=choice.closed_by,
+            adapter=call.route.adapter_id, source=source, shadow=shadow, closed_by=choice.closed_by,
             attempt=call.attempt)
 
     def _teacher_kwargs(self, call: Call) -> dict:
@@ -277,21 +288,29 @@ class CallPipeline:
             except Exception as e:  # back into the core, at the step that failed
                 error = e
 
-    def _teach(self, call: Call, policy) -> tuple[Any, Completion | None]:
-        shadow = call.engine.submit(**call.submit_kwargs(0)) if policy.shadow else None
+    def _teach(self, call: Call, policy) -> tuple[Any, Request | None]:
+        """The teacher's answer, and the student's request left running (not awaited)."""
+        shadow = self._shadow(call, policy)
         token = self.runtime.suppressed.set(True)  # the teacher may be this very provider
         try:
             response = teacher.ask(policy, self._teacher_kwargs(call))
         except BaseException:
-            _cancel_unfinished([shadow] if shadow is not None else [])
+            _cancel(shadow)
             raise
         finally:
             self.runtime.suppressed.reset(token)
+        return response, shadow
+
+    def _shadow(self, call: Call, policy) -> Request | None:
+        """The student submitted on the call's input (submitting returns at once), or None:
+        no shadow wanted, or it could not be submitted (the shadow never fails the call)."""
+        if not policy.shadow or not self.runtime.wants_shadow():
+            return None
         try:
-            student = shadow.result() if shadow is not None else None
-        except Exception:  # the shadow never fails the call
-            student = None
-        return response, student
+            return call.engine.submit(**call.submit_kwargs(0))
+        except Exception as e:
+            log.debug("shadow not run: %s: %s", type(e).__name__, e)
+            return None
 
     # ------------------------------------------------------------------ the asyncio driver
     async def _adrive(self, core) -> AsyncIterator[TextDelta | Answer]:
@@ -319,17 +338,19 @@ class CallPipeline:
             except Exception as e:
                 error = e
 
-    async def _ateach(self, call: Call, policy) -> tuple[Any, Completion | None]:
-        shadow = [call.engine.agenerate(**call.submit_kwargs(0))] if policy.shadow else []
+    async def _ateach(self, call: Call, policy) -> tuple[Any, Request | None]:
+        """`_teach` on the caller's loop: the student is a plain engine request, awaited by
+        the runtime's shadows, not by this loop."""
+        shadow = self._shadow(call, policy)
         token = self.runtime.suppressed.set(True)
         try:
-            *students, response = await asyncio.gather(*shadow, teacher.aask(policy, self._teacher_kwargs(call)),
-                                                       return_exceptions=True)
+            response = await teacher.aask(policy, self._teacher_kwargs(call))
+        except BaseException:  # the teacher failed, or the caller's task was cancelled
+            _cancel(shadow)
+            raise
         finally:
             self.runtime.suppressed.reset(token)
-        if isinstance(response, BaseException):
-            raise response
-        return response, next((s for s in students if isinstance(s, Completion)), None)
+        return response, shadow
 
 
 def _advance(core, result: Any, error: Exception | None):
@@ -345,6 +366,11 @@ def _answer_of(events: Iterator[TextDelta | Answer]) -> Answer:
     for event in events:
         answer = event
     return answer
+
+
+def _cancel(request: Request | None) -> None:
+    if request is not None:
+        request.cancel()
 
 
 def _cancel_unfinished(requests) -> None:

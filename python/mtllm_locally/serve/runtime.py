@@ -1,7 +1,8 @@
 """The serving loop's one object per process: it owns the call store, the engines,
-the deploy router, the provider's settings, the learning policy and the call
-pipeline (`calls`), and it publishes each captured call to whoever subscribed
-(`on_call`: the learning loop, wired in wiring.py).
+the deploy router, the provider's settings, the learning policy, the call
+pipeline (`calls`) and the students running in shadow (`shadows`), and it
+publishes each captured call to whoever subscribed (`on_call`: the learning loop,
+wired in wiring.py).
 
 Capture never breaks or slows a call: the store is opened lazily, every store or
 subscriber error is logged and swallowed, and a write is one small SQLite
@@ -20,11 +21,12 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..engine import Engine, EngineConfig
+from ..engine import Engine, EngineConfig, Request
 from ..state.policy import Policy
 from ..state.store import Store
 from .engines import EnginePool
 from .router import BASE, Route, Router
+from .shadows import Shadows
 
 log = logging.getLogger("mtllm_locally.runtime")
 
@@ -40,6 +42,10 @@ class Settings:
     # Typed calls: a budget from the schema, the loop guard, retries that differ (typed_calls.py).
     # MTLLM_LOCALLY_TYPED_GUARD=0 turns it off (the bench's "before").
     typed_guard: bool = field(default_factory=lambda: os.environ.get("MTLLM_LOCALLY_TYPED_GUARD", "1") != "0")
+    # Teacher mode: students left running in shadow after their calls returned. Beyond it a
+    # taught call runs none, so a fast teacher cannot pile student requests up in the engine
+    # in front of the calls it serves. 0: no shadows.
+    max_shadows: int = 4
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,7 @@ class Runtime:
         self._on_feedback: list[Callable[[str], None]] = []
         self._on_close: list[Callable[[], None]] = []
         self.closed = False
+        self.shadows = Shadows(self._record_shadow)
         from .pipeline import CallPipeline  # the pipeline needs a runtime; the runtime offers it
 
         self.calls = CallPipeline(self)
@@ -137,24 +144,43 @@ class Runtime:
             return 1
 
     def record_turn(self, *, invocation_id: str | None, task_key: str, function: str | None, model: str,
-                    model_path: str | None, **turn: Any) -> str | None:
-        """Store one model turn and tell the subscribers; returns the call's invocation id."""
+                    model_path: str | None, shadow: Request | None = None, **turn: Any) -> str | None:
+        """Store one model turn and tell the subscribers; returns the call's invocation id.
+        `shadow`: the student still running on a turn a teacher answered; its answer is
+        stored into the turn when it finishes (cancelled if the turn is not stored)."""
         if self.suppressed.get():
+            _cancel(shadow)
             return None
         inv = invocation_id or f"anon-{uuid.uuid4()}"
         try:
             st = self.store()
             if st is None:
+                _cancel(shadow)
                 return None
-            st.record_turn(invocation_id=inv, task_key=task_key, function=function, model=model, **turn)
+            turn_index = st.record_turn(invocation_id=inv, task_key=task_key, function=function, model=model, **turn)
         except Exception as e:  # capture must never break the program
             log.warning("call capture failed (the call itself succeeded): %s: %s", type(e).__name__, e)
+            _cancel(shadow)
             return None
+        if shadow is not None:
+            self.shadows.follow(shadow, inv, turn_index)
         self.last_invocation.set(inv)
         captured = CapturedCall(inv, task_key, function, model_path, turn.get("source", "model"), turn.get("adapter"))
         for hook in list(self._on_call):
             _safely(hook, captured)
         return inv
+
+    def wants_shadow(self) -> bool:
+        """Whether a taught call now should run its student in shadow: its answer would be
+        stored, and fewer than `settings.max_shadows` are still running."""
+        return (self.capture_enabled and not self.closed and not self.suppressed.get()
+                and self.shadows.pending < self.settings.max_shadows)
+
+    def _record_shadow(self, invocation_id: str, turn_index: int, text: str) -> None:
+        """The shadows' thread: a student's answer into its turn (dropped once closed)."""
+        st = self.store()
+        if st is not None:
+            st.set_shadow_output(invocation_id, turn_index, text)
 
     def finish_call(self, invocation_id: str | None, *, accepted: bool, inputs: Any = None,
                     function: str | None = None, error: str | None = None) -> None:
@@ -184,8 +210,9 @@ class Runtime:
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
-        """Subscribers first (the learning trigger stops), then engines, loop and store.
-        Trainings already started go on in their own processes."""
+        """Subscribers first (the learning trigger stops), then the shadows (cancelled, their
+        answers dropped), engines, loop and store. Trainings already started go on in their
+        own processes."""
         with self._lock:
             if self.closed:
                 return
@@ -193,6 +220,7 @@ class Runtime:
             store, self._store = self._store, None
         for hook in self._on_close:
             _safely(hook)
+        self.shadows.close()
         self.engines.close()
         if store is not None:
             store.close()
@@ -210,6 +238,11 @@ def _free_cores(training_threads: int) -> int:
         return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, cores - training_threads)
+
+
+def _cancel(request: Request | None) -> None:
+    if request is not None:
+        request.cancel()
 
 
 def _safely(hook: Callable, *args) -> None:

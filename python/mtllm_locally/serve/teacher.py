@@ -2,7 +2,11 @@
 -- any LiteLLM model: a cloud model, or a bigger local GGUF through this provider --
 answers the call, and its answer is captured as the training target. The student
 (the served model, with the task's deployed adapter if any) runs in shadow on the
-same input, so the store also shows how far the student is from the teacher.
+same input (`TaskPolicy.shadow`), so the store also shows how far the student is
+from the teacher. The call returns as soon as the teacher answers: the student goes
+on in the background and its answer is stored into the turn when it finishes
+(shadows.py; the turn's `shadow_output` is empty until then, and stays empty when
+the shadow failed, was skipped -- `Settings.max_shadows` -- or the runtime closed first).
 
 "Good enough": a deployed adapter whose held-out score reached `teacher_until`.
 """

@@ -234,10 +234,11 @@ class Store:
                     tool_calls: Any = None, finish_reason: str | None, latency_ms: float, prompt_tokens: int,
                     completion_tokens: int, cached_tokens: int = 0, temperature: float | None = None,
                     adapter: str | None = None, source: str = "model", shadow_output: str | None = None,
-                    attempt: int = 1, closed_by: str | None = None) -> None:
-        """`source`: who produced the output ("model", or "teacher:<model>" in distillation);
-        `shadow_output`: the served model's own answer when a teacher answered; `attempt`:
-        which answer to the call this is; `closed_by`: the engine closed the value."""
+                    attempt: int = 1, closed_by: str | None = None) -> int:
+        """Returns the turn's index within its call. `source`: who produced the output
+        ("model", or "teacher:<model>" in distillation); `shadow_output`: the served model's
+        own answer when a teacher answered (or later: set_shadow_output); `attempt`: which
+        answer to the call this is; `closed_by`: the engine closed the value."""
         now = time.time()
         with self.transaction() as db:
             db.execute(
@@ -259,6 +260,16 @@ class Store:
                 "adapter=?, source=? WHERE invocation_id=?",
                 (output_text if output_text is not None else _dumps(tool_calls), latency_ms, prompt_tokens,
                  completion_tokens, temperature, model, adapter, source, invocation_id))
+        return n
+
+    def set_shadow_output(self, invocation_id: str, turn_index: int, text: str) -> bool:
+        """The student's shadow answer, stored into a turn a teacher answered once the
+        student finished (the call did not wait for it). Never overwrites one; False when
+        the turn has none to fill."""
+        with self.transaction() as db:
+            cur = db.execute("UPDATE turns SET shadow_output=? WHERE invocation_id=? AND turn_index=? "
+                             "AND shadow_output IS NULL", (text, invocation_id, turn_index))
+            return cur.rowcount == 1
 
     def finish_call(self, invocation_id: str, *, accepted: bool, inputs: Any = None, function: str | None = None,
                     error: str | None = None) -> None:
