@@ -20,7 +20,7 @@ import mtllm_locally
 
 PKG = Path(mtllm_locally.__file__).parent
 CORE = {"__init__", "_engine", "engine", "chat", "constraints", "models", "errors", "template_sandbox",
-        "vetting", "cpu_backend"}
+        "vetting", "cpu_backend", "demonstrations"}
 LOOPS = {"state", "serve", "learn"}
 WIRING = {"wiring", "jac_plugin", "cli", "__main__"}
 # who may import whom (first component under mtllm_locally)

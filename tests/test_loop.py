@@ -20,7 +20,9 @@ from runtime_helpers import own_runtime  # noqa: E402
 
 # Small enough for CI, large enough that the tiny model can learn word -> label.
 TEACHER = dict(teacher="oracle/labeller", teacher_until=0.0)
-POLICY = dict(min_new_examples=60, min_interval_s=0.0, threads=1,
+# 60 calls hold 51 training examples (9 held out, by the hash of each input): the first training
+# starts when the 60th call is in. Demonstrations are tested on their own (test_demonstrations).
+POLICY = dict(min_new_examples=51, demonstrations=0, min_interval_s=0.0, threads=1,
               min_heldout=4, margin=0.05, train={"learning_rate": 1e-2, "rank": 8, "alpha": 16, "bf16": False})
 
 
@@ -110,19 +112,20 @@ def test_trigger_waits_for_enough_new_examples(rt, tiny_model_path):
     ref = TaskRef("classify:t", "classify", tiny_model_path)
     fill_store(st, 10)
     ok, why = due(st, reg, ref, rt.policy.for_task("classify"))
-    assert not ok and "10 new examples" in why
+    assert not ok and "10 calls so far" in why
     # the model's own accepted answers are not labels under the default policy
     st.record_turn(invocation_id="own", task_key="classify:t", function="classify", model="m",
                    messages=messages(99, "sky"), response_format=RF, output_text='{"schema_object_wrapper":1}',
                    finish_reason="stop", latency_ms=1, prompt_tokens=1, completion_tokens=1)
     st.finish_call("own", accepted=True)
-    assert not due(st, reg, ref, rt.policy.for_task("classify"))[0]
-    fill_store(st, 49, start=10)  # 60 calls, but one is the model's own: 59 examples
-    assert not due(st, reg, ref, rt.policy.for_task("classify"))[0]
+    assert not due(st, reg, ref, rt.policy.for_task("classify"))
+    fill_store(st, 49, start=10)  # 60 calls, but one is the model's own: 59 examples, 50 of them training
+    assert "50 new training examples" in due(st, reg, ref, rt.policy.for_task("classify")).why
+    assert not due(st, reg, ref, rt.policy.for_task("classify"))
     fill_store(st, 1, start=59)
-    assert due(st, reg, ref, rt.policy.for_task("classify"))[0]
+    assert due(st, reg, ref, rt.policy.for_task("classify"))
     rt.policy.configure("classify", learn=False)
-    assert not due(st, reg, ref, rt.policy.for_task("classify"))[0]
+    assert not due(st, reg, ref, rt.policy.for_task("classify"))
 
 
 def test_feedback_shapes_the_dataset(rt):

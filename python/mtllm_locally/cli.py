@@ -58,8 +58,14 @@ def _print(obj, as_json: bool) -> None:
 
 def cmd_status(args) -> int:
     from .learn.dataset import split, task_examples
+    from .learn.trigger import TaskRef, due
     from .state.policy import Policy
     from .state.registry import Registry
+
+    def stage(v) -> str:
+        parts = [p for p, on in ((f"adapter {v.adapter_id}", v.serves_adapter),
+                                 (f"demonstrations of {v.adapter_id}", v.serves_demonstrations)) if on]
+        return " + ".join(parts) + f" (held-out {v.score:.2f})" if v.score is not None else " + ".join(parts)
 
     store = _store(args)
     reg = Registry(store)
@@ -73,14 +79,17 @@ def cmd_status(args) -> int:
         versions = reg.versions(t["task_key"])
         deployed = {d["base"]: d["adapter_id"] for d in reg.deployments() if d["task_key"] == t["task_key"]}
         last_eval = next((v for v in reversed(versions) if v.status in ("passed", "rejected")), None)
+        serving = [reg.get(a) for a in deployed.values() if a]
         out.append({"task": t["task_key"], "function": t["function"], "calls": t["calls"],
                     "accepted": t["accepted"] or 0, "teacher_answers": t["teacher"] or 0,
                     "with_feedback": t["with_feedback"] or 0, "train_examples": len(train),
                     "heldout_examples": len(held), "versions": len(versions),
                     "deployed": deployed or "base",
+                    "stage": stage(serving[-1]) if serving else "base model",
                     "last_eval": None if last_eval is None else
-                    f"{last_eval.adapter_id} {last_eval.status} {last_eval.score:.3f} vs "
-                    f"{last_eval.metrics.get('baseline_score', 0):.3f}",
+                    f"{last_eval.adapter_id} ({last_eval.kind}) {last_eval.status}: "
+                    + (last_eval.metrics.get("reason") or ""),
+                    "next": due(store, reg, TaskRef(t["task_key"], t["function"], ""), policy).why,
                     "training": training.adapter_id if training and training.task_key == t["task_key"] else None})
     _print(out, args.json)
     if not out and not args.json:

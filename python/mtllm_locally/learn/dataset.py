@@ -40,7 +40,8 @@ class Example:
         return self.label != "model"
 
     def as_training(self) -> dict:
-        return {"messages": self.messages, "tools": self.tools, "completion": self.completion}
+        return {"messages": self.messages, "tools": self.tools, "response_format": self.response_format,
+                "completion": self.completion}
 
 
 def input_key(messages: list, tools: Any, response_format: Any) -> str:

@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from ..demonstrations import Demonstration, with_demonstrations
 from ..engine import Engine
 from ..errors import MtllmError
 from .dataset import Example
@@ -39,25 +40,35 @@ def field_score(predicted: str, expected: str) -> tuple[bool, float]:
     return False, 0.0
 
 
+def field_hits(predicted: str, expected: str) -> dict[str, bool]:
+    """For an object answer: which of the expected fields the prediction got right."""
+    p, e = _value(predicted), _value(expected)
+    if not isinstance(e, dict):
+        return {}
+    return {k: isinstance(p, dict) and p.get(k) == v for k, v in e.items()}
+
+
 @dataclass(frozen=True)
 class EvalResult:
     score: float          # mean per-field score: the gate's number
     exact: float          # fraction exactly right
     n: int
     predictions: list[str]
+    fields: dict[str, float] | None = None  # objects: each field's accuracy (which fields are still wrong)
 
     def as_dict(self) -> dict:
-        return {"score": self.score, "exact": self.exact, "n": self.n}
+        return {"score": self.score, "exact": self.exact, "n": self.n, "fields": self.fields}
 
 
-def evaluate(engine: Engine, examples: Sequence[Example], adapters: Sequence[tuple[int, float]] = ()) -> EvalResult:
+def evaluate(engine: Engine, examples: Sequence[Example], adapters: Sequence[tuple[int, float]] = (),
+             demonstrations: Sequence[Demonstration] = ()) -> EvalResult:
     """All examples are submitted at once: they share decode batches (and the task's
-    common prompt prefix in the KV cache)."""
+    common prompt prefix, demonstrations included, in the KV cache)."""
     if not examples:
         raise ValueError("nothing to evaluate")
     reqs = []
     for ex in examples:
-        kw: dict[str, Any] = {"messages": ex.messages,
+        kw: dict[str, Any] = {"messages": with_demonstrations(ex.messages, demonstrations, ex.tools),
                               "temperature": 0.0, "adapters": list(adapters),
                               "max_tokens": min(1024, len(engine.tokenize(ex.completion, add_special=False)) + 32)}
         if ex.response_format:
@@ -66,6 +77,7 @@ def evaluate(engine: Engine, examples: Sequence[Example], adapters: Sequence[tup
             kw["tools"], kw["tool_choice"] = ex.tools, "required"
         reqs.append(engine.submit(**kw))
     preds, exact, fields = [], 0, 0.0
+    per_field: dict[str, list[bool]] = {}
     for r, ex in zip(reqs, examples):
         try:
             text = r.result().text
@@ -75,7 +87,11 @@ def evaluate(engine: Engine, examples: Sequence[Example], adapters: Sequence[tup
         preds.append(text)
         exact += ok
         fields += f
-    return EvalResult(score=fields / len(examples), exact=exact / len(examples), n=len(examples), predictions=preds)
+        for k, hit in field_hits(text, ex.completion).items():
+            per_field.setdefault(k, []).append(hit)
+    by_field = {k: sum(v) / len(v) for k, v in per_field.items()} if len(per_field) > 1 else None
+    return EvalResult(score=fields / len(examples), exact=exact / len(examples), n=len(examples), predictions=preds,
+                      fields=by_field)
 
 
 @dataclass(frozen=True)

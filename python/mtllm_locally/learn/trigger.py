@@ -3,11 +3,12 @@ process. Runs as one daemon thread in the serving program, woken by the runtime'
 on-call hook (wiring.py subscribes it); works the same from the CLI (`train`)
 without a running program.
 
-    due?  >= policy.min_new_examples new examples since the task's last training,
-          no training running on this store (any process), min_interval_s since the
-          last one started
+    due?  demonstrations: early, from the first labelled calls (see `due`)
+          training: >= policy.min_new_examples new training examples (retrain as the
+          data doubles); no training running on this store (any process)
     then  reserve a version in the registry -> spawn `learn.worker` (low priority,
-          its own session, thread budget) -> the worker trains, gates and promotes
+          its own session, thread budget) -> the worker trains (or picks demonstrations),
+          gates and promotes
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import models
-from .dataset import task_examples
+from .dataset import split, task_examples
 from ..state.files import private_dir, private_open
 from ..state.policy import Policy, TaskPolicy
 from ..state.registry import AdapterVersion, Registry, RegistryError
@@ -39,40 +40,85 @@ class TaskRef:
     model_path: str
 
 
-def new_examples(store: Store, registry: Registry, task_key: str, policy: TaskPolicy) -> int:
-    last = registry.versions(task_key)
-    since = last[-1].created_at if last else 0.0
-    # Checked after every call: a cheap count of new calls first (an upper bound on new
-    # examples), the full dataset read only once it could reach the threshold.
-    (calls,) = store.rows("SELECT COUNT(*) AS n FROM calls WHERE task_key=? AND created_at>?", (task_key, since))
-    if calls["n"] < policy.min_new_examples:
-        return calls["n"]
-    return sum(e.created_at > since for e in task_examples(store, task_key, heldout_percent=policy.heldout_percent,
-                                                          train_on=policy.train_on))
+@dataclass(frozen=True)
+class Due:
+    kind: str | None     # "training", "demonstrations", or None (nothing to do now)
+    why: str             # said in `mtllm-locally status`
+    labelled: int = 0    # labelled examples when it was decided (a demonstrations job records it)
+
+    def __bool__(self) -> bool:  # `ok, why = due(...)` and `if due(...)` both read naturally
+        return self.kind is not None
+
+    def __iter__(self):
+        return iter((self.kind is not None, self.why))
 
 
-def due(store: Store, registry: Registry, ref: TaskRef, policy: TaskPolicy) -> tuple[bool, str]:
+def _counts(store: Store, task_key: str, policy: TaskPolicy) -> tuple[list, list]:
+    examples = task_examples(store, task_key, heldout_percent=policy.heldout_percent, train_on=policy.train_on)
+    return split(examples)
+
+
+def due(store: Store, registry: Registry, ref: TaskRef, policy: TaskPolicy) -> Due:
+    """What the task needs next, and why (or why nothing).
+
+    training         >= min_new_examples new training examples since the last training,
+                     and, after a first training, at least as many new as it was trained
+                     on (retrain as the data doubles, continuing from the deployed adapter)
+    demonstrations   before any training: once there are enough labelled examples to show
+                     `policy.demonstrations` and judge them on min_heldout others, and
+                     again each time the labelled examples have doubled
+    """
     if not policy.learn:
-        return False, "learning is off for this task"
-    n = new_examples(store, registry, ref.task_key, policy)
-    if n < policy.min_new_examples:
-        return False, f"at most {n} new examples (< {policy.min_new_examples})"
+        return Due(None, "learning is off for this task")
+    versions = registry.versions(ref.task_key)
+    trainings = [v for v in versions if v.kind == "training"]
+    demos = [v for v in versions if v.kind == "demonstrations"]
+    # Cheap check first (every call runs it): the number of calls bounds the examples.
+    (calls,) = store.rows("SELECT COUNT(*) AS n FROM calls WHERE task_key=?", (ref.task_key,))
+    needed = min(policy.min_new_examples, policy.demonstrations + policy.min_heldout if policy.demonstrations else
+                 policy.min_new_examples)
+    if calls["n"] < needed:
+        return Due(None, f"{calls['n']} calls so far; the first step needs {needed} labelled ones")
+    train, heldout = _counts(store, ref.task_key, policy)
+    since = trainings[-1].created_at if trainings else 0.0
+    new = sum(e.created_at > since for e in train)
+    trained_on = trainings[-1].data.get("n_train", 0) if trainings else 0
+    want = max(policy.min_new_examples, trained_on)
     running = registry.training()
+    if new >= want:
+        if running is not None:
+            return Due(None, f"{new} new training examples; waiting for {running.adapter_id}")
+        wait = max((v.created_at for v in trainings), default=0.0) + policy.min_interval_s - time.time()
+        if wait > 0:
+            return Due(None, f"{new} new training examples; next training allowed in {wait:.0f} s")
+        return Due("training", f"{new} new training examples (>= {want})")
+    why = f"{new} new training examples (a training needs {want})"
+    if not policy.demonstrations or trainings:
+        return Due(None, why)
+    labelled = len(train) + len(heldout)
+    first = policy.demonstrations + policy.min_heldout
+    last = demos[-1].config.get("labelled", 0) if demos else 0
+    if labelled < max(first, 2 * last):
+        return Due(None, why + f"; demonstrations are tried at {max(first, 2 * last)} labelled examples "
+                               f"({labelled} now)")
     if running is not None:
-        return False, f"{running.adapter_id} is training"
-    wait = registry.last_started() + policy.min_interval_s - time.time()
-    if wait > 0:
-        return False, f"next training allowed in {wait:.0f} s"
-    return True, f"{n} new examples"
+        return Due(None, why + f"; demonstrations wait for {running.adapter_id}")
+    return Due("demonstrations", f"{labelled} labelled examples: trying {policy.demonstrations} of them as "
+                                 "demonstrations", labelled)
 
 
 def start_training(store: Store, ref: TaskRef, policy: TaskPolicy, *, wait: bool = False,
-                   log_dir: Path | None = None) -> tuple[AdapterVersion, subprocess.Popen]:
-    """Reserve the next version and start the worker process for it. Whatever fails
+                   log_dir: Path | None = None, kind: str = "training",
+                   labelled: int = 0) -> tuple[AdapterVersion, subprocess.Popen]:
+    """Reserve the next version and start the worker process for it (`kind`: "training",
+    or "demonstrations": choose and judge demonstrations only, no LoRA). Whatever fails
     before the worker holds the reservation releases it (marked failed)."""
+    if kind not in ("training", "demonstrations"):
+        raise ValueError(kind)
     registry = Registry(store)
     base = models.fingerprint(ref.model_path)
-    v = registry.reserve(ref.task_key, base, policy=policy, model_path=ref.model_path, function=ref.function)
+    v = registry.reserve(ref.task_key, base, policy=policy, model_path=ref.model_path, function=ref.function,
+                         config={"kind": kind, "labelled": labelled})
     try:
         log_dir = private_dir(log_dir or store.path.parent / "logs")
         env = dict(os.environ)
@@ -105,6 +151,7 @@ class Learner:
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._procs: list[subprocess.Popen] = []
+        self.reasons: dict[str, str] = {}  # task -> why it did or did not train at the last check
         self._thread = threading.Thread(target=self._run, name="mtllm-learner", daemon=True)
         self._thread.start()
 
@@ -130,9 +177,10 @@ class Learner:
         for ref in refs:
             policy = self.policy.for_task(ref.function)
             try:
-                ok, why = due(self.store, self.registry, ref, policy)
-                if ok:
-                    v, proc = start_training(self.store, ref, policy)
+                d = due(self.store, self.registry, ref, policy)
+                self.reasons[ref.task_key] = d.why
+                if d:
+                    v, proc = start_training(self.store, ref, policy, kind=d.kind, labelled=d.labelled)
                     self._procs.append(proc)
                     started.append(v.adapter_id)
                     break  # one at a time

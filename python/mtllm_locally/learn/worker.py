@@ -26,12 +26,48 @@ import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
+from types import MappingProxyType
 
+from .. import demonstrations
 from ..state.files import make_private, private_dir, private_open
 from ..state.policy import TaskPolicy
 from ..state.registry import HEARTBEAT_S, AdapterVersion, Registry, RegistryError
 from ..state.store import Store
 from .dataset import snapshot, split, task_examples
+from .demonstrations import as_demonstrations, choose
+
+
+IDLE_AFTER_S = 15.0   # no call recorded for this long: the program is idle or has exited
+VARIANTS = ("adapter", "demonstrations", "adapter+demonstrations")  # the simplest first, among equals
+
+
+class ThreadBudget:
+    """How many threads the job may use now: the policy's budget while the program calls
+    the model, every core once no call has been recorded for IDLE_AFTER_S (the program
+    is idle, or has exited). Asked before each training step; reads the store at most
+    every `check_every_s`."""
+
+    def __init__(self, store: Store, busy: int, *, idle_after_s: float = IDLE_AFTER_S, check_every_s: float = 5.0):
+        self.store = store
+        self.all = os.cpu_count() or 1
+        self.busy = min(busy or self.all, self.all)
+        self.idle_after_s = idle_after_s
+        self.check_every_s = check_every_s
+        self._checked = -1e18
+        self._now = self.busy
+        self.asked = self.idle_answers = 0
+
+    def __call__(self) -> int:
+        if time.monotonic() - self._checked >= self.check_every_s:
+            self._checked = time.monotonic()
+            try:
+                last = self.store.last_call_at()
+            except Exception:  # a busy store: keep the last answer
+                last = time.time()
+            self._now = self.all if last is None or time.time() - last > self.idle_after_s else self.busy
+        self.asked += 1
+        self.idle_answers += self._now > self.busy
+        return self._now
 
 
 def loop_train_config(policy: TaskPolicy):
@@ -41,10 +77,63 @@ def loop_train_config(policy: TaskPolicy):
     return TrainConfig(**{"threads": policy.threads, **policy.train})
 
 
+SHAPE = ("rank", "alpha", "target_modules", "lora_layers", "use_rslora")  # what a warm start must share
+
+
+def _previous_adapter(deployed: AdapterVersion | None, policy: TaskPolicy, cfg) -> Path | None:
+    """The deployed version's PEFT adapter, to continue from (None: train from zero)."""
+    if deployed is None or not deployed.serves_adapter or not policy.warm_start or not deployed.path:
+        return None
+    before = deployed.metrics.get("train_config") or {}
+    now = asdict(cfg)
+    if any(list(before.get(k, ())) != list(now[k]) if isinstance(now[k], tuple) else before.get(k) != now[k]
+           for k in SHAPE):
+        return None  # trained with another LoRA shape
+    peft = Path(deployed.path) / "peft"
+    return peft if (peft / "adapter_model.safetensors").is_file() else None
+
+
+def _train(store: Store, registry: Registry, v: AdapterVersion, train_set, staging: Path, deployed, budget,
+           cancel, progress: bool, log) -> dict:
+    from .trainer import train
+
+    policy = v.policy
+    cfg = loop_train_config(policy)
+    init = _previous_adapter(deployed, policy, cfg)
+    if init is not None:
+        cfg = replace(cfg, **{k: val for k, val in WARM_START.items() if k not in policy.train})
+    log(f"{v.adapter_id}: training on {len(train_set)} examples, >= {cfg.min_steps} steps, "
+        f"{budget.busy} thread(s) while the program runs, {budget.all} when it is idle"
+        + (f", continuing from {deployed.adapter_id}" if init is not None else ""))
+    t0 = time.perf_counter()
+    # One checkpoint per task: a training of the same data killed or cancelled earlier
+    # (a retried `mtllm-locally train`) resumes where it stopped.
+    checkpoint_dir = private_dir(Path(v.path).parent / "checkpoint")
+    try:
+        res = train(v.model_path, [e.as_training() for e in train_set], cfg, staging, cancel=cancel,
+                    progress=progress, name="adapter", checkpoint_dir=checkpoint_dir, init_from=init,
+                    thread_budget=budget)
+    finally:
+        make_private(checkpoint_dir)  # a checkpoint kept for a retry, written under the caller's umask
+    if res.resumed_from:
+        log(f"{v.adapter_id}: resumed from a checkpoint at step {res.resumed_from}")
+    os.replace(res.peft_dir, staging / "peft")
+    return {"train_seconds": time.perf_counter() - t0, "steps": res.steps, "tokens": res.tokens,
+            "tokens_per_second": res.tokens_per_second, "resumed_from": res.resumed_from,
+            "first_loss": res.losses[0], "final_loss": res.losses[-1], "train_config": asdict(cfg),
+            "warm_start": deployed.adapter_id if init is not None else None,
+            "idle_steps": budget.idle_answers, "threads_busy": budget.busy, "threads_idle": budget.all}
+
+
+# A retraining continues from the task's previous adapter: it starts near the answer,
+# so it needs fewer passes (TrainConfig fields; the task's own `train` settings win).
+WARM_START = MappingProxyType({"min_steps": 40, "epochs": 2})
+
+
 def run_job(store: Store, adapter_id: str, *, progress: bool = False, log=print) -> AdapterVersion:
     from .. import Engine
     from .gate import evaluate, judge
-    from .trainer import TrainingCancelled, train
+    from .trainer import TrainingCancelled
 
     registry = Registry(store)
     if not registry.claim(adapter_id, os.getpid()):
@@ -55,7 +144,7 @@ def run_job(store: Store, adapter_id: str, *, progress: bool = False, log=print)
     done = threading.Event()
     threading.Thread(target=_heartbeat, args=(registry, adapter_id, cancel, done), name="mtllm-heartbeat",
                      daemon=True).start()
-    staging = checkpoint_dir = None
+    staging = None
     try:
         v = registry.get(adapter_id)
         policy = v.policy
@@ -64,45 +153,65 @@ def run_job(store: Store, adapter_id: str, *, progress: bool = False, log=print)
                                  train_on=policy.train_on, until=v.created_at)
         train_set, heldout = split(examples)
         data = snapshot(examples)
-        cfg = loop_train_config(policy)
-        log(f"{adapter_id}: training on {len(train_set)} examples ({len(heldout)} held out), "
-            f">= {cfg.min_steps} steps, {policy.threads or 'all'} thread(s)")
+        deployed = registry.deployed(v.task_key, v.base)
+        budget = ThreadBudget(store, policy.threads)
         staging = registry.staging_dir(v)
         with private_open(staging / "data.jsonl", "w") as f:
             for e in examples:
                 f.write(json.dumps({"invocation_id": e.invocation_id, "heldout": e.heldout, "label": e.label,
                                     **e.as_training()}) + "\n")
-        t0 = time.perf_counter()
-        # One checkpoint per task: a training of the same data killed or cancelled earlier
-        # (a retried `mtllm-locally train`) resumes where it stopped.
-        checkpoint_dir = private_dir(Path(v.path).parent / "checkpoint")
-        res = train(model_path, [e.as_training() for e in train_set], cfg, staging, cancel=cancel,
-                    progress=progress, name="adapter", checkpoint_dir=checkpoint_dir)
-        if res.resumed_from:
-            log(f"{adapter_id}: resumed from a checkpoint at step {res.resumed_from}")
-        os.replace(res.peft_dir, staging / "peft")
-        train_metrics = {"train_seconds": time.perf_counter() - t0, "steps": res.steps, "tokens": res.tokens,
-                         "tokens_per_second": res.tokens_per_second, "resumed_from": res.resumed_from,
-                         "first_loss": res.losses[0],
-                         "final_loss": res.losses[-1], "train_config": asdict(cfg)}
-        v = registry.publish(v, staging, data=data, metrics=train_metrics)
+        chosen = choose(train_set, k=policy.demonstrations) if policy.demonstrations else []
+        shown = as_demonstrations(chosen)
+        if shown:
+            demonstrations.save(staging / demonstrations.FILE, shown)
+        metrics: dict = {"n_demonstrations": len(shown)}
+        if v.kind == "training":
+            metrics.update(_train(store, registry, v, train_set, staging, deployed, budget, cancel, progress, log))
+        v = registry.publish(v, staging, data=data, metrics=metrics)
         staging = None
         if cancel.is_set():
             raise TrainingCancelled("cancelled after training")
 
-        # The gate: what serves the task now vs the candidate, same engine, same examples.
-        deployed = registry.deployed(v.task_key, v.base)
-        if not heldout:
-            registry.finish(adapter_id, "rejected", metrics={"reason": "no held-out examples yet"})
+        # The gate: what serves the task now vs each variant of the candidate, same engine,
+        # same examples. Demonstrations alone were never trained on anything, so when the
+        # baseline was not trained on the training split either, every labelled example not
+        # shown as a demonstration is fair to judge them on (more evidence, early on).
+        judged = heldout
+        if v.kind == "demonstrations" and (deployed is None or not deployed.serves_adapter):
+            shown_ids = {e.invocation_id for e in chosen}
+            judged = heldout + [e for e in train_set if e.invocation_id not in shown_ids]
+        if len(judged) < policy.min_heldout:
+            why = f"only {len(judged)} examples to judge on (< {policy.min_heldout})"
+            registry.finish(adapter_id, "rejected", metrics={"reason": why, "serves": {}})
+            log(f"{adapter_id}: not judged: {why}")
             return registry.get(adapter_id)
-        with Engine(model_path, n_threads=policy.threads or 0, n_ctx=4096) as eng:
-            base_adapters = [(eng.load_adapter(deployed.gguf_path), 1.0)] if deployed else []
-            baseline = evaluate(eng, heldout, base_adapters)
-            candidate = evaluate(eng, heldout, [(eng.load_adapter(v.gguf_path), 1.0)])
-        verdict = judge(candidate, baseline, margin=policy.margin, min_heldout=policy.min_heldout)
-        metrics = {**verdict.metrics(), "baseline": deployed.adapter_id if deployed else None}
+        with Engine(model_path, n_threads=budget(), n_ctx=4096) as eng:
+            base_adapters = [(eng.load_adapter(deployed.gguf_path), 1.0)] if deployed and deployed.serves_adapter \
+                else []
+            base_shown = demonstrations.load(deployed.demonstrations_path) \
+                if deployed and deployed.serves_demonstrations else ()
+            baseline = evaluate(eng, judged, base_adapters, base_shown)
+            trained = [(eng.load_adapter(v.gguf_path), 1.0)] if v.kind == "training" else None
+            results = {}
+            if trained:
+                results["adapter"] = evaluate(eng, judged, trained)
+            if shown:
+                results["demonstrations"] = evaluate(eng, judged, [], shown)
+                if trained:
+                    results["adapter+demonstrations"] = evaluate(eng, judged, trained, shown)
+        if not results:
+            why = "no candidate: no demonstrations of the plain call shape"
+            registry.finish(adapter_id, "rejected", metrics={"reason": why, "serves": {}})
+            return registry.get(adapter_id)
+        best = max(results, key=lambda k: (results[k].score, -VARIANTS.index(k)))
+        verdict = judge(results[best], baseline, margin=policy.margin, min_heldout=policy.min_heldout)
+        metrics = {**verdict.metrics(), "baseline": deployed.adapter_id if deployed else None,
+                   "baseline_fields": baseline.fields, "candidate_fields": results[best].fields,
+                   "serves": {"adapter": "adapter" in best, "demonstrations": "demonstrations" in best},
+                   "variant": best, "variants": {k: r.as_dict() for k, r in results.items()},
+                   "judged_on": "held-out" if judged is heldout else "held-out + unshown training examples"}
         registry.finish(adapter_id, "passed" if verdict.passed else "rejected", metrics=metrics)
-        log(f"{adapter_id}: gate {'passed' if verdict.passed else 'rejected'}: {verdict.reason}")
+        log(f"{adapter_id}: gate {'passed' if verdict.passed else 'rejected'} ({best}): {verdict.reason}")
         if verdict.passed and policy.auto_promote:
             if registry.promote(adapter_id, expect=deployed.adapter_id if deployed else None,
                                 note=f"gate: {verdict.reason}"):
@@ -120,8 +229,6 @@ def run_job(store: Store, adapter_id: str, *, progress: bool = False, log=print)
         done.set()
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
-        if checkpoint_dir is not None:
-            make_private(checkpoint_dir)  # a checkpoint kept for a retry, written under the caller's umask
 
 
 def _heartbeat(registry: Registry, adapter_id: str, cancel: threading.Event, done: threading.Event) -> None:

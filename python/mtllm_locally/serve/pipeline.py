@@ -25,6 +25,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
 
+from ..demonstrations import with_demonstrations
 from ..engine import Completion, Engine, Request
 from ..errors import InvalidRequestError
 from ..state.task import task_key
@@ -98,7 +99,10 @@ class Call:
     def submit_kwargs(self, i: int = 0) -> dict:
         """Engine.submit keywords for choice `i`."""
         req = self.request
-        kw = {**self.sampling, "messages": req.messages, "temperature": self.temperature,
+        # The task's demonstrations (if its deployed version serves them) go before the call;
+        # the store keeps the program's own messages.
+        messages = with_demonstrations(req.messages, self.route.demonstrations, req.tools)
+        kw = {**self.sampling, "messages": messages, "temperature": self.temperature,
               "response_format": req.response_format}
         if req.tools:
             kw["tools"], kw["tool_choice"] = req.tools, self.tool_choice

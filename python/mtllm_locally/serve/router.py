@@ -15,7 +15,8 @@ import threading
 import weakref
 from dataclasses import dataclass
 
-from .. import models
+from .. import demonstrations, models
+from ..demonstrations import Demonstration
 from ..engine import Engine
 from ..state.registry import AdapterVersion, Registry
 from ..state.store import Store
@@ -28,6 +29,7 @@ class Route:
     adapter_id: str | None          # None: the base model serves the task
     adapters: tuple = ()            # for Engine.submit(adapters=...)
     score: float | None = None      # the deployed version's held-out score (None: no adapter)
+    demonstrations: tuple[Demonstration, ...] = ()  # shown before the call (see demonstrations.py)
 
 
 BASE = Route(None)
@@ -42,6 +44,7 @@ class Router:
         # engine -> adapter_id -> native adapter id; an engine that is gone drops out
         self._loaded: weakref.WeakKeyDictionary[Engine, dict[str, int]] = weakref.WeakKeyDictionary()
         self._bases: dict[str, str] = {}  # model path -> fingerprint
+        self._demonstrations: dict[str, tuple[Demonstration, ...]] = {}  # adapter_id -> its (immutable) file
 
     def base_of(self, engine: Engine) -> str:
         path = engine.info.path
@@ -68,6 +71,12 @@ class Router:
             if hit is None:
                 self._unload_stale(engine, loaded)
                 return BASE
+            shown = self._demonstrations_of(hit)
+            if shown is None:
+                return BASE
+            if not hit.serves_adapter:
+                self._unload_stale(engine, loaded)
+                return Route(hit.adapter_id, (), hit.score, shown)
             if hit.adapter_id not in loaded:
                 try:
                     loaded[hit.adapter_id] = engine.load_adapter(hit.gguf_path)
@@ -76,7 +85,20 @@ class Router:
                     return BASE
                 log.info("deployed %s into the running engine", hit.adapter_id)
                 self._unload_stale(engine, loaded)
-            return Route(hit.adapter_id, ((loaded[hit.adapter_id], 1.0),), hit.score)
+            return Route(hit.adapter_id, ((loaded[hit.adapter_id], 1.0),), hit.score, shown)
+
+    def _demonstrations_of(self, v: AdapterVersion) -> tuple[Demonstration, ...] | None:
+        """The version's demonstrations, read once (a version never changes); None when
+        its file cannot be read (the task is then served by the base model)."""
+        if not v.serves_demonstrations:
+            return ()
+        if v.adapter_id not in self._demonstrations:
+            try:
+                self._demonstrations[v.adapter_id] = demonstrations.load(v.demonstrations_path)
+            except (OSError, ValueError) as e:  # a deploy must never fail the call
+                log.warning("cannot deploy %s (serving the base model): %s", v.adapter_id, e)
+                return None
+        return self._demonstrations[v.adapter_id]
 
     def _unload_stale(self, engine: Engine, loaded: dict[str, int]) -> None:
         live = {v.adapter_id for v in self._serving.values()}

@@ -26,13 +26,17 @@ class TaskPolicy:
     # accepted outputs -- a model trained on its own greedy answers learns nothing new and
     # entrenches its mistakes, and a gate scored against them always prefers the old model.
     train_on: str = "labelled"
-    min_new_examples: int = 64      # a first training needs some variety; the trainer repeats small sets
+    # A training starts once this many new training examples (held-out ones not counted) came in
+    # since the task's last training; a retraining also waits until the data has doubled.
+    min_new_examples: int = 40
+    demonstrations: int = 8         # shown in the prompt when the gate finds they help (0: never tried)
+    warm_start: bool = True         # a retraining continues from the deployed adapter
     min_interval_s: float = 30.0    # between two trainings of any task: training shares the CPU
     heldout_percent: int = 20       # by a hash of the input, so an input is held out forever
     min_heldout: int = 8            # below this the gate cannot tell a better model from noise
     margin: float = 0.05            # candidate must beat the deployed version by this (held-out score)
     auto_promote: bool = True
-    threads: int = 1                # training's thread budget; the program keeps the other cores
+    threads: int = 1                # training's threads while the program calls the model; all once it is idle
     teacher: str | None = None      # any LiteLLM model name; answers while the student is not good enough
     teacher_until: float = 0.9      # the teacher answers until a deployed adapter scores this on held-out
     shadow: bool = True             # with a teacher answering, also run the student on the same input
@@ -41,7 +45,8 @@ class TaskPolicy:
     def __post_init__(self):
         if self.train_on not in ("labelled", "accepted"):
             raise InvalidRequestError(f"train_on must be 'labelled' or 'accepted', not {self.train_on!r}")
-        if not 0 < self.heldout_percent < 100 or self.min_new_examples < 2 or self.threads < 0:
+        if not 0 < self.heldout_percent < 100 or self.min_new_examples < 2 or self.threads < 0 \
+                or self.demonstrations < 0:
             raise InvalidRequestError(f"bad learning policy: {self}")
 
 

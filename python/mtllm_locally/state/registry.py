@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import demonstrations
 from ..errors import MtllmError
 from .files import make_private, private_dir
 from .policy import TaskPolicy
@@ -67,6 +68,25 @@ class AdapterVersion:
     @property
     def score(self) -> float | None:
         return self.metrics.get("candidate_score")
+
+    # What serving this version means, as the gate chose it: the LoRA adapter, the
+    # demonstrations in the prompt, or both. (Versions made before demonstrations: the adapter.)
+    @property
+    def serves_adapter(self) -> bool:
+        return bool((self.metrics.get("serves") or {}).get("adapter", True))
+
+    @property
+    def serves_demonstrations(self) -> bool:
+        return bool((self.metrics.get("serves") or {}).get("demonstrations", False))
+
+    @property
+    def demonstrations_path(self) -> Path:
+        return Path(self.path) / demonstrations.FILE
+
+    @property
+    def kind(self) -> str:
+        """"training" (a LoRA is trained, demonstrations chosen too) or "demonstrations" (chosen only)."""
+        return self.config.get("kind", "training")
 
     # What a training was started with (`config`, written by `Registry.reserve`).
     @property
@@ -404,8 +424,10 @@ class Registry:
         v = self.get(adapter_id)
         if v.status not in ("passed", "rejected"):  # a person may overrule the gate, not promote half a file
             raise RegistryError(f"{adapter_id} is {v.status}; only a complete, evaluated version can be promoted")
-        if not v.gguf_path.is_file():
+        if v.serves_adapter and not v.gguf_path.is_file():
             raise RegistryError(f"{adapter_id}: {v.gguf_path} is missing")
+        if v.serves_demonstrations and not v.demonstrations_path.is_file():
+            raise RegistryError(f"{adapter_id}: {v.demonstrations_path} is missing")
         with self.store.transaction() as db:
             row = db.execute("SELECT adapter_id FROM deployments WHERE task_key=? AND base=?",
                              (v.task_key, v.base)).fetchone()
@@ -449,4 +471,7 @@ def describe(v: AdapterVersion) -> dict[str, Any]:
     return {"adapter_id": v.adapter_id, "version": v.version, "status": v.status, "base": v.base,
             "created_at": v.created_at, "parent": v.parent, "score": v.score,
             "baseline_score": v.metrics.get("baseline_score"), "n_train": v.data.get("n_train"),
-            "n_heldout": v.data.get("n_heldout"), "error": v.error}
+            "n_heldout": v.data.get("n_heldout"), "kind": v.kind,
+            "serves": [k for k, on in (("adapter", v.serves_adapter), ("demonstrations", v.serves_demonstrations))
+                       if on] if v.status in ("passed", "rejected") else None,
+            "why": v.metrics.get("reason") or v.error, "error": v.error}

@@ -262,6 +262,12 @@ class Store:
                  completion_tokens, temperature, model, adapter, source, invocation_id))
         return n
 
+    def last_call_at(self) -> float | None:
+        """When the latest call of any task was recorded (None: none yet): how the
+        training process tells a busy program from an idle or exited one."""
+        (row,) = self.rows("SELECT MAX(created_at) AS t FROM turns")
+        return row["t"]
+
     def set_shadow_output(self, invocation_id: str, turn_index: int, text: str) -> bool:
         """The student's shadow answer, stored into a turn a teacher answered once the
         student finished (the call did not wait for it). Never overwrites one; False when

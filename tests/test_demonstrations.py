@@ -1,0 +1,147 @@
+"""Demonstrations: a task's labelled calls shown in the prompt, chosen and judged by
+the loop before any training, served from the registry like an adapter."""
+
+import json
+
+import pytest
+
+litellm = pytest.importorskip("litellm")
+
+from loop_helpers import RF, fill_store, messages, register_oracle, word_of  # noqa: E402
+from mtllm_locally import demonstrations, models  # noqa: E402
+from mtllm_locally.demonstrations import Demonstration, plain_user_text, with_demonstrations  # noqa: E402
+from mtllm_locally.learn.dataset import Example, task_examples  # noqa: E402
+from mtllm_locally.learn.demonstrations import answer_group, choose  # noqa: E402
+from mtllm_locally.learn.trigger import TaskRef, due, start_training  # noqa: E402
+from mtllm_locally.state.policy import TaskPolicy  # noqa: E402
+from mtllm_locally.state.registry import Registry  # noqa: E402
+from runtime_helpers import own_runtime  # noqa: E402
+
+SHOWN = (Demonstration("classify\n\nitem 1: sky", '{"schema_object_wrapper":2}'),
+         Demonstration("classify\n\nitem 2: grass", '{"schema_object_wrapper":3}'))
+
+
+def test_demonstrations_go_between_the_system_message_and_the_call():
+    msgs = messages(7, "apple")
+    out = with_demonstrations(msgs, SHOWN)
+    assert out[0] == msgs[0] and out[-1] == msgs[-1]
+    assert [m["role"] for m in out] == ["system", "user", "assistant", "user", "assistant", "user"]
+    assert out[1]["content"] == SHOWN[0].user and out[2]["content"] == SHOWN[0].answer
+    assert with_demonstrations(msgs[1:], SHOWN)[0]["content"] == SHOWN[0].user  # no system message
+    # other shapes are served as they are: tools, a conversation, no demonstrations
+    assert with_demonstrations(msgs, SHOWN, tools=[{"type": "function"}]) is msgs
+    convo = msgs + [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]
+    assert with_demonstrations(convo, SHOWN) is convo
+    assert with_demonstrations(msgs, ()) is msgs
+    assert plain_user_text(msgs) == msgs[1]["content"] and plain_user_text(convo) is None
+
+
+def test_the_file_round_trips_and_a_bad_one_is_refused(tmp_path):
+    demonstrations.save(tmp_path / "d.json", SHOWN)
+    assert demonstrations.load(tmp_path / "d.json") == SHOWN
+    (tmp_path / "bad.json").write_text(json.dumps([{"user": 1}]))
+    with pytest.raises(ValueError, match="not a list of demonstrations"):
+        demonstrations.load(tmp_path / "bad.json")
+
+
+def _example(i: int, label: int, heldout: bool = False, completion: str | None = None) -> Example:
+    return Example(f"inv-{i}", f"k{i}", messages(i, word_of(i)), None, RF,
+                   completion or json.dumps({"schema_object_wrapper": label}, separators=(",", ":")),
+                   "teacher", float(i), heldout)
+
+
+def test_choose_covers_every_answer_and_never_shows_a_held_out_input():
+    # label 1 is common, 3 is rare: round-robin still shows it
+    exs = [_example(i, 1) for i in range(20)] + [_example(20 + i, 2) for i in range(5)] + [_example(30, 3)]
+    exs.append(_example(40, 4, heldout=True))
+    picked = choose(exs, k=6)
+    labels = [json.loads(e.completion)["schema_object_wrapper"] for e in picked]
+    assert len(picked) == 6 and {1, 2, 3} <= set(labels) and 4 not in labels
+    assert [e.created_at for e in picked] == sorted(e.created_at for e in picked)  # oldest first: stable prefix
+    # the token budget bounds the block
+    assert len(choose(exs, k=6, max_tokens=60, count_tokens=lambda s: 20)) == 1
+    # objects are grouped by their keys and value types, not by their values
+    a = answer_group('{"vendor":"Acme","total":12.5}')
+    assert a == answer_group('{"vendor":"Bolt","total":3.0}') != answer_group('{"vendor":"Acme","total":null}')
+
+
+def test_the_trigger_tries_demonstrations_first_then_trains_as_data_doubles(tmp_path, tiny_model_path):
+    with own_runtime(tmp_path / "calls.sqlite3", learning=False) as rt:
+        st, reg = rt.store(), Registry(rt.store())
+        ref = TaskRef("classify:t", "classify", tiny_model_path)
+        policy = TaskPolicy(min_new_examples=20, demonstrations=4, min_heldout=4, min_interval_s=0)
+        fill_store(st, 5)
+        d = due(st, reg, ref, policy)
+        assert not d and "8 labelled" in d.why  # 4 shown + 4 to judge them on
+        fill_store(st, 5, start=5)
+        d = due(st, reg, ref, policy)
+        assert d.kind == "demonstrations" and d.labelled == 10
+        v = reg.reserve("classify:t", "b", config={"kind": "demonstrations", "labelled": 10})
+        reg.finish(v.adapter_id, "rejected")
+        assert not due(st, reg, ref, policy) and "20 labelled" in due(st, reg, ref, policy).why  # doubled
+        fill_store(st, 25, start=10)
+        train = [e for e in task_examples(st, "classify:t", heldout_percent=20) if not e.heldout]
+        d = due(st, reg, ref, policy)
+        assert d.kind == "training" and f"{len(train)} new training examples" in d.why  # held-out ones not counted
+        v = reg.reserve("classify:t", "b", config={"kind": "training"})
+        reg.finish(v.adapter_id, "failed")
+        # a retraining waits for as many new training examples as the last one was trained on (>= min_new)
+        with st.transaction() as db:
+            db.execute("UPDATE adapters SET data_json=? WHERE adapter_id=?", (json.dumps({"n_train": 30}),
+                                                                               v.adapter_id))
+        fill_store(st, 30, start=35)
+        new = len([e for e in task_examples(st, "classify:t", heldout_percent=20)
+                   if not e.heldout and e.created_at > v.created_at])
+        assert (due(st, reg, ref, policy).kind == "training") == (new >= 30)
+        assert "demonstrations" not in due(st, reg, ref, policy).why  # after a training, demonstrations ride along
+
+
+def test_a_demonstrations_job_judges_and_promotes_without_training(tmp_path, tiny_model_path):
+    with own_runtime(tmp_path / "calls.sqlite3", learning=False) as rt:
+        st, reg = rt.store(), Registry(rt.store())
+        fill_store(st, 24)
+        # margin -1: the gate passes whatever the score, so promotion is checked deterministically
+        policy = TaskPolicy(demonstrations=4, min_heldout=4, margin=-1.0, threads=1)
+        v, proc = start_training(st, TaskRef("classify:t", "classify", tiny_model_path), policy,
+                                 kind="demonstrations", labelled=24, wait=True)
+        assert proc.returncode == 0
+        v = reg.get(v.adapter_id)
+        assert v.status == "passed" and v.kind == "demonstrations", (v.error, v.metrics)
+        assert v.serves_demonstrations and not v.serves_adapter and not v.gguf_path.exists()
+        assert set(v.metrics["variants"]) == {"demonstrations"}
+        assert v.metrics["judged_on"] == "held-out + unshown training examples"
+        shown = demonstrations.load(v.demonstrations_path)
+        held = {plain_user_text(e.messages) for e in task_examples(st, "classify:t") if e.heldout}
+        assert len(shown) == 4 and not held & {d.user for d in shown}
+        assert v.metrics["n_heldout"] == 24 - 4  # every unshown example judged
+        assert reg.deployed("classify:t", models.fingerprint(tiny_model_path)).adapter_id == v.adapter_id
+
+
+def test_a_deployed_version_with_demonstrations_serves_them_and_stores_the_programs_messages(
+        tmp_path, tiny_model_path):
+    register_oracle()
+    with own_runtime(tmp_path / "calls.sqlite3", learning=False) as rt:
+        st, reg = rt.store(), Registry(rt.store())
+
+        def call(i):
+            litellm.completion(model=f"mtllm_locally/{tiny_model_path}", messages=messages(i, "sky"),
+                               response_format=RF, metadata={"jac_caller_name": "classify",
+                                                             "jac_invocation_id": f"c-{i}"})
+            return st.rows("SELECT * FROM turns WHERE invocation_id=?", (f"c-{i}",))[0]
+
+        before = call(0)
+        task = before["task_key"] if "task_key" in before else st.tasks()[0]["task_key"]
+        v = reg.reserve(task, models.fingerprint(tiny_model_path), config={"kind": "demonstrations"})
+        staging = reg.staging_dir(v)
+        demonstrations.save(staging / demonstrations.FILE, SHOWN)
+        reg.publish(v, staging, data={}, metrics={})
+        reg.finish(v.adapter_id, "passed", metrics={"candidate_score": 0.5,
+                                                    "serves": {"adapter": False, "demonstrations": True}})
+        assert reg.promote(v.adapter_id)
+        after = call(1)
+        assert after["adapter"] == v.adapter_id
+        assert json.loads(after["messages_json"]) == messages(1, "sky")  # the program's own messages
+        shown_tokens = after["prompt_tokens"] - before["prompt_tokens"]
+        assert shown_tokens > sum(len(d.user) + len(d.answer) for d in SHOWN) // 8  # the block was in the prompt
+        eng = rt.engines.get(tiny_model_path)
+        assert rt.router.loaded(eng) == {}  # no LoRA loaded for it
