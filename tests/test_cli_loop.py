@@ -36,6 +36,8 @@ def test_cli_drives_the_loop(tmp_path, tiny_model_path):
     (task,) = json.loads(r.stdout)
     assert task["function"] == "classify" and task["calls"] == 40 and task["teacher_answers"] == 40
     assert task["train_examples"] + task["heldout_examples"] == 40 and task["deployed"] == "base"
+    # what serves it, and what the trigger waits for, in words
+    assert task["stage"] == "base model" and f"{task['train_examples']} new training examples" in task["next"]
 
     r = cli(path, "feedback", "inv-classify:t-3", "--output", "2")
     assert r.returncode == 0, r.stderr
@@ -47,6 +49,8 @@ def test_cli_drives_the_loop(tmp_path, tiny_model_path):
     assert r.returncode == 0, r.stdout + r.stderr
     verdict = json.loads(r.stdout[r.stdout.index("{"):])
     assert verdict["adapter_id"] == "classify:t@v1" and verdict["status"] == "passed"  # margin -1: always passes
+    (task,) = json.loads(cli(path, "status").stdout)
+    assert "classify:t@v1" in task["stage"] and "passed" in task["last_eval"]
 
     r = cli(path, "calls", "--task", "classify", "--limit", "5")
     assert r.returncode == 0 and len(json.loads(r.stdout)) == 5

@@ -9,7 +9,7 @@ litellm = pytest.importorskip("litellm")
 
 from loop_helpers import RF, fill_store, messages, register_oracle, word_of  # noqa: E402
 from mtllm_locally import demonstrations, models  # noqa: E402
-from mtllm_locally.demonstrations import Demonstration, plain_user_text, with_demonstrations  # noqa: E402
+from mtllm_locally.demonstrations import Demonstration, plain_user_content, with_demonstrations  # noqa: E402
 from mtllm_locally.learn.dataset import Example, task_examples  # noqa: E402
 from mtllm_locally.learn.demonstrations import answer_group, choose  # noqa: E402
 from mtllm_locally.learn.trigger import TaskRef, due, start_training  # noqa: E402
@@ -33,12 +33,21 @@ def test_demonstrations_go_between_the_system_message_and_the_call():
     convo = msgs + [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]
     assert with_demonstrations(convo, SHOWN) is convo
     assert with_demonstrations(msgs, ()) is msgs
-    assert plain_user_text(msgs) == msgs[1]["content"] and plain_user_text(convo) is None
+    assert plain_user_content(msgs) == msgs[1]["content"] and plain_user_content(convo) is None
+    # byllm sends the user message as text parts: served and stored as they are
+    parts = [{"type": "text", "text": "route\n\nticket = ('My printer...', '')"}, {"type": "text", "text": "Schema"}]
+    byllm = [msgs[0], {"role": "user", "content": parts}]
+    assert plain_user_content(byllm) == tuple(parts)
+    shown = (Demonstration(tuple(parts), '{"schema_object_wrapper":1}'),)
+    assert with_demonstrations(byllm, shown)[1] == {"role": "user", "content": parts}
+    image = [msgs[0], {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    assert with_demonstrations(image, shown) is image
 
 
 def test_the_file_round_trips_and_a_bad_one_is_refused(tmp_path):
-    demonstrations.save(tmp_path / "d.json", SHOWN)
-    assert demonstrations.load(tmp_path / "d.json") == SHOWN
+    both = SHOWN + (Demonstration(({"type": "text", "text": "a"}, {"type": "text", "text": "b"}), "1"),)
+    demonstrations.save(tmp_path / "d.json", both)
+    assert demonstrations.load(tmp_path / "d.json") == both
     (tmp_path / "bad.json").write_text(json.dumps([{"user": 1}]))
     with pytest.raises(ValueError, match="not a list of demonstrations"):
         demonstrations.load(tmp_path / "bad.json")
@@ -111,7 +120,7 @@ def test_a_demonstrations_job_judges_and_promotes_without_training(tmp_path, tin
         assert set(v.metrics["variants"]) == {"demonstrations"}
         assert v.metrics["judged_on"] == "held-out + unshown training examples"
         shown = demonstrations.load(v.demonstrations_path)
-        held = {plain_user_text(e.messages) for e in task_examples(st, "classify:t") if e.heldout}
+        held = {plain_user_content(e.messages) for e in task_examples(st, "classify:t") if e.heldout}
         assert len(shown) == 4 and not held & {d.user for d in shown}
         assert v.metrics["n_heldout"] == 24 - 4  # every unshown example judged
         assert reg.deployed("classify:t", models.fingerprint(tiny_model_path)).adapter_id == v.adapter_id
@@ -145,3 +154,26 @@ def test_a_deployed_version_with_demonstrations_serves_them_and_stores_the_progr
         assert shown_tokens > sum(len(d.user) + len(d.answer) for d in SHOWN) // 8  # the block was in the prompt
         eng = rt.engines.get(tiny_model_path)
         assert rt.router.loaded(eng) == {}  # no LoRA loaded for it
+
+
+def test_training_takes_every_core_once_the_program_is_idle(tmp_path):
+    import os
+    import time
+
+    from mtllm_locally.learn.worker import ThreadBudget
+
+    with own_runtime(tmp_path / "calls.sqlite3", learning=False) as rt:
+        st = rt.store()
+        cores = os.cpu_count()
+        assert ThreadBudget(st, 1, check_every_s=0)() == cores  # no call yet: nothing to leave cores to
+        fill_store(st, 1)
+        budget = ThreadBudget(st, 1, idle_after_s=0.5, check_every_s=0)
+        assert budget() == min(1, cores)  # the program just called the model
+        time.sleep(0.6)
+        assert budget() == cores and budget.idle_answers == 1  # idle (or exited): every core
+        fill_store(st, 1, start=1)
+        assert budget() == 1  # it called again: back to the budget
+        cached = ThreadBudget(st, 1, idle_after_s=0.5, check_every_s=3600)
+        assert cached() == 1
+        time.sleep(0.6)
+        assert cached() == 1  # the store is read at most every check_every_s

@@ -377,3 +377,31 @@ def test_unknown_tensors_and_rope_scalings_are_refused(tmp_path, tiny_model_path
         w.close()
         with pytest.raises(InvalidRequestError, match=match):
             load_llama(path)
+
+
+def test_a_warm_start_continues_from_the_previous_adapter(tiny_model_path, tmp_path, trained):
+    cold_first = trained.losses[0]
+    warm = train(tiny_model_path, EXAMPLES, CFG, tmp_path / "warm", progress=False, init_from=trained.peft_dir)
+    # it starts where the previous adapter ended, not where a fresh LoRA (B = 0) starts
+    assert warm.losses[0] < 0.5 * cold_first
+    assert warm.losses[0] <= trained.losses[-1] * 1.5 + 1e-3
+    with pytest.raises(InvalidRequestError, match="does not fit this LoRA"):
+        train(tiny_model_path, EXAMPLES, TrainConfig(**{**CFG.__dict__, "rank": 4}), tmp_path / "bad",
+              progress=False, init_from=trained.peft_dir)
+
+
+def test_the_thread_budget_is_asked_every_step_and_followed(tiny_model_path, tmp_path):
+    seen = []  # torch's thread count when each step asks for its budget
+
+    def budget():
+        seen.append(torch.get_num_threads())
+        return 1 if len(seen) % 2 else 2
+
+    before = torch.get_num_threads()
+    try:
+        res = train(tiny_model_path, EXAMPLES[:8], TrainConfig(epochs=1, batch_size=2, min_steps=0, bf16=False),
+                    tmp_path, progress=False, thread_budget=budget)
+    finally:
+        torch.set_num_threads(before)
+    assert len(seen) == res.steps == 4
+    assert seen[1:] == [1, 2, 1]  # each step ran with what the previous answer asked for

@@ -55,7 +55,8 @@ def main(argv=None) -> int:
         print("\nratios:")
         for k, v in result["ratios"].items():
             goal = result.get("goals", {}).get(k, "")
-            print(f"  {k:36s} {v:8.2f}   {goal}")
+            shown = f"{v:8.2f}" if isinstance(v, float) else f"{v!s:>8}"
+            print(f"  {k:36s} {shown}   {goal}")
     return 0
 
 

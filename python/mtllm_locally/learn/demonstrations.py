@@ -15,7 +15,7 @@ import json
 from collections import defaultdict
 from typing import Any, Callable, Sequence
 
-from ..demonstrations import Demonstration, plain_user_text
+from ..demonstrations import Demonstration, content_text, plain_user_content
 from .dataset import RANK, Example
 
 DEFAULT_K = 8
@@ -44,7 +44,7 @@ def answer_group(completion: str) -> str:
 def choose(examples: Sequence[Example], *, k: int = DEFAULT_K, max_tokens: int = DEFAULT_MAX_TOKENS,
            count_tokens: Callable[[str], int] = lambda s: len(s) // 3) -> list[Example]:
     """Up to `k` training examples of the plain shape, covering the answers' groups."""
-    usable = [e for e in examples if not e.heldout and plain_user_text(e.messages, e.tools) is not None]
+    usable = [e for e in examples if not e.heldout and plain_user_content(e.messages, e.tools) is not None]
     groups: dict[str, list[Example]] = defaultdict(list)
     for e in sorted(usable, key=lambda e: (RANK[e.label], e.created_at), reverse=True):
         groups[answer_group(e.completion)].append(e)
@@ -57,7 +57,7 @@ def choose(examples: Sequence[Example], *, k: int = DEFAULT_K, max_tokens: int =
             if not q or len(chosen) >= k:
                 continue
             e = q.pop(0)
-            cost = count_tokens(plain_user_text(e.messages, e.tools) or "") + count_tokens(e.completion) + 8
+            cost = count_tokens(content_text(plain_user_content(e.messages, e.tools))) + count_tokens(e.completion) + 8
             if spent + cost > max_tokens:
                 continue
             chosen.append(e)
@@ -67,4 +67,4 @@ def choose(examples: Sequence[Example], *, k: int = DEFAULT_K, max_tokens: int =
 
 
 def as_demonstrations(examples: Sequence[Example]) -> tuple[Demonstration, ...]:
-    return tuple(Demonstration(plain_user_text(e.messages, e.tools) or "", e.completion) for e in examples)
+    return tuple(Demonstration(plain_user_content(e.messages, e.tools), e.completion) for e in examples)

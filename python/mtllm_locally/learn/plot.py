@@ -69,3 +69,32 @@ def plot_losses(losses: list[float], out: str | Path, *, title: str = "training 
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def plot_curves(curves: dict[str, list[dict]], out: str | Path, *,
+                title: str = "accuracy vs labelled calls") -> Path:
+    """One line per task: test accuracy of what the gate serves after n labelled calls
+    (points: {"labelled", "accuracy", "served"}), each point labelled with what served."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for task, points in curves.items():
+        xs, ys = [p["labelled"] for p in points], [p["accuracy"] for p in points]
+        ax.plot(xs, ys, "o-", label=task)
+        for x, y, p in zip(xs, ys, points):
+            ax.annotate(p["served"].replace("demonstrations", "demos"), (x, y), fontsize=7,
+                        textcoords="offset points", xytext=(4, -10))
+    ax.set_xlabel("labelled calls of the task")
+    ax.set_ylabel("accuracy on unseen inputs (exact match)")
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(title)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
