@@ -37,7 +37,7 @@ def test_cli_drives_the_loop(tmp_path, tiny_model_path):
     assert task["function"] == "classify" and task["calls"] == 40 and task["teacher_answers"] == 40
     assert task["train_examples"] + task["heldout_examples"] == 40 and task["deployed"] == "base"
     # what serves it, and what the trigger waits for, in words
-    assert task["stage"] == "base model" and f"{task['train_examples']} new training examples" in task["next"]
+    assert task["stage"] == "base model" and "trying 8 of them as demonstrations" in task["next"]
 
     r = cli(path, "feedback", "inv-classify:t-3", "--output", "2")
     assert r.returncode == 0, r.stderr

@@ -98,11 +98,19 @@ def test_the_trigger_tries_demonstrations_first_then_trains_as_data_doubles(tmp_
         with st.transaction() as db:
             db.execute("UPDATE adapters SET data_json=? WHERE adapter_id=?", (json.dumps({"n_train": 30}),
                                                                                v.adapter_id))
-        fill_store(st, 30, start=35)
-        new = len([e for e in task_examples(st, "classify:t", heldout_percent=20)
-                   if not e.heldout and e.created_at > v.created_at])
-        assert (due(st, reg, ref, policy).kind == "training") == (new >= 30)
-        assert "demonstrations" not in due(st, reg, ref, policy).why  # after a training, demonstrations ride along
+        i = 35
+        while (new := len([e for e in task_examples(st, "classify:t", heldout_percent=20)
+                           if not e.heldout and e.created_at > v.created_at])) < 29:
+            fill_store(st, 1, start=i)
+            i += 1
+        d = due(st, reg, ref, policy)
+        assert not d and "29 new training examples (a training needs 30)" in d.why
+        assert "demonstrations" not in d.why  # after a training, demonstrations ride along with trainings
+        while len([e for e in task_examples(st, "classify:t", heldout_percent=20)
+                   if not e.heldout and e.created_at > v.created_at]) < 30:
+            fill_store(st, 1, start=i)
+            i += 1
+        assert due(st, reg, ref, policy).kind == "training"
 
 
 def test_a_demonstrations_job_judges_and_promotes_without_training(tmp_path, tiny_model_path):
@@ -155,6 +163,22 @@ def test_a_deployed_version_with_demonstrations_serves_them_and_stores_the_progr
         eng = rt.engines.get(tiny_model_path)
         assert rt.router.loaded(eng) == {}  # no LoRA loaded for it
 
+        # demonstrations alone never retire a teacher, whatever their score
+        rt.policy.configure("classify", teacher="oracle/labeller", teacher_until=0.5)
+        assert call(2)["source"] == "teacher:oracle/labeller"
+        rt.policy.configure("classify", teacher=None)
+
+        # a block that does not fit this engine's context is left out: the call still succeeds
+        huge = (Demonstration("classify " + "word " * (eng.n_ctx + 100), '{"schema_object_wrapper":1}'),)
+        v2 = reg.reserve(task, models.fingerprint(tiny_model_path), config={"kind": "demonstrations"})
+        staging = reg.staging_dir(v2)
+        demonstrations.save(staging / demonstrations.FILE, huge)
+        reg.publish(v2, staging, data={}, metrics={})
+        reg.finish(v2.adapter_id, "passed", metrics={"serves": {"adapter": False, "demonstrations": True}})
+        assert reg.promote(v2.adapter_id)
+        plain = call(3)
+        assert plain["adapter"] == v2.adapter_id and plain["prompt_tokens"] == before["prompt_tokens"]
+
 
 def test_training_takes_every_core_once_the_program_is_idle(tmp_path):
     import os
@@ -177,3 +201,36 @@ def test_training_takes_every_core_once_the_program_is_idle(tmp_path):
         assert cached() == 1
         time.sleep(0.6)
         assert cached() == 1  # the store is read at most every check_every_s
+
+
+def test_a_perfect_adapter_is_not_retrained_until_the_held_out_split_has_grown(tmp_path, tiny_model_path):
+    with own_runtime(tmp_path / "calls.sqlite3", learning=False) as rt:
+        st, reg = rt.store(), Registry(rt.store())
+        ref = TaskRef("classify:t", "classify", tiny_model_path)
+        policy = TaskPolicy(min_new_examples=10, min_interval_s=0, demonstrations=0)
+        fill_store(st, 20)
+        v = reg.reserve("classify:t", "b", config={"kind": "training"})
+        staging = reg.staging_dir(v)
+        (staging / "adapter.gguf").write_bytes(b"GGUF")
+        reg.publish(v, staging, data={"n_train": 10}, metrics={})
+        reg.finish(v.adapter_id, "passed", metrics={"candidate_score": 1.0, "n_heldout": 5})
+        assert reg.promote(v.adapter_id)
+        fill_store(st, 30, start=20)  # 50 calls: 9 held out (by the inputs' hashes), < 2 x 5
+        d = due(st, reg, ref, policy)
+        assert not d and "no candidate could beat it" in d.why and "(9 now)" in d.why
+        fill_store(st, 60, start=50)  # 110 calls: 22 held out; new inputs may show its errors
+        assert due(st, reg, ref, policy).kind == "training"
+
+
+def test_the_learner_starts_the_most_useful_job_first(tmp_path, tiny_model_path):
+    from mtllm_locally.learn.trigger import Due, _urgency
+
+    with own_runtime(tmp_path / "calls.sqlite3", learning=False) as rt:
+        reg = Registry(rt.store())
+        v = reg.reserve("good:t", "b", config={"kind": "training"})
+        reg.finish(v.adapter_id, "rejected")
+        good, new = TaskRef("good:t", "good", tiny_model_path), TaskRef("new:t", "new", tiny_model_path)
+        order = sorted([(_urgency(reg, good, Due("training", "")), "retrain good"),
+                        (_urgency(reg, new, Due("training", "")), "first training of new"),
+                        (_urgency(reg, new, Due("demonstrations", "")), "demonstrations of new")])
+        assert [o[1] for o in order] == ["demonstrations of new", "first training of new", "retrain good"]

@@ -112,7 +112,7 @@ def test_trigger_waits_for_enough_new_examples(rt, tiny_model_path):
     ref = TaskRef("classify:t", "classify", tiny_model_path)
     fill_store(st, 10)
     ok, why = due(st, reg, ref, rt.policy.for_task("classify"))
-    assert not ok and "10 calls so far" in why
+    assert not ok and "10 calls since the last training" in why
     # the model's own accepted answers are not labels under the default policy
     st.record_turn(invocation_id="own", task_key="classify:t", function="classify", model="m",
                    messages=messages(99, "sky"), response_format=RF, output_text='{"schema_object_wrapper":1}',

@@ -89,6 +89,7 @@ def cmd_status(args) -> int:
                     "last_eval": None if last_eval is None else
                     f"{last_eval.adapter_id} ({last_eval.kind}) {last_eval.status}: "
                     + (last_eval.metrics.get("reason") or ""),
+                    "fields": None if last_eval is None else last_eval.metrics.get("candidate_fields"),
                     "next": due(store, reg, TaskRef(t["task_key"], t["function"], ""), policy).why,
                     "training": training.adapter_id if training and training.task_key == t["task_key"] else None})
     _print(out, args.json)

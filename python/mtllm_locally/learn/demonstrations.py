@@ -62,7 +62,7 @@ def choose(examples: Sequence[Example], *, k: int = DEFAULT_K, max_tokens: int =
                 continue
             chosen.append(e)
             spent += cost
-    # Oldest first in the prompt: a later refresh that adds examples keeps more of the prefix.
+    # Oldest first in the prompt: the order the calls came in, the same for every call of the task.
     return sorted(chosen, key=lambda e: e.created_at)
 
 

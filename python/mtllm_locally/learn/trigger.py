@@ -73,34 +73,47 @@ def due(store: Store, registry: Registry, ref: TaskRef, policy: TaskPolicy) -> D
     versions = registry.versions(ref.task_key)
     trainings = [v for v in versions if v.kind == "training"]
     demos = [v for v in versions if v.kind == "demonstrations"]
-    # Cheap check first (every call runs it): the number of calls bounds the examples.
-    (calls,) = store.rows("SELECT COUNT(*) AS n FROM calls WHERE task_key=?", (ref.task_key,))
-    needed = min(policy.min_new_examples, policy.demonstrations + policy.min_heldout if policy.demonstrations else
-                 policy.min_new_examples)
-    if calls["n"] < needed:
-        return Due(None, f"{calls['n']} calls so far; the first step needs {needed} labelled ones")
-    train, heldout = _counts(store, ref.task_key, policy)
     since = trainings[-1].created_at if trainings else 0.0
-    new = sum(e.created_at > since for e in train)
     trained_on = trainings[-1].data.get("n_train", 0) if trainings else 0
     want = max(policy.min_new_examples, trained_on)
+    first = policy.demonstrations + policy.min_heldout
+    last = max(demos[-1].config.get("labelled", 0),
+               demos[-1].data.get("n_train", 0) + demos[-1].data.get("n_heldout", 0)) if demos else 0
+    show_at = max(first, 2 * last) if policy.demonstrations and not trainings else None
+    # Cheap check first (every call runs it): numbers of calls bound the examples, so the
+    # dataset is read only once one of the thresholds could be reached.
+    (total,) = store.rows("SELECT COUNT(*) AS n FROM calls WHERE task_key=?", (ref.task_key,))
+    (recent,) = store.rows("SELECT COUNT(*) AS n FROM calls WHERE task_key=? AND created_at>?", (ref.task_key, since))
+    if recent["n"] < want and (show_at is None or total["n"] < show_at):
+        return Due(None, f"{recent['n']} calls since the last training; a training needs {want} new training "
+                         "examples" + (f", demonstrations {show_at} labelled calls" if show_at else ""))
+    train, heldout = _counts(store, ref.task_key, policy)
+    new = sum(e.created_at > since for e in train)
     running = registry.training()
+    # A deployed adapter that no candidate could beat by the margin on the held-out inputs it was
+    # judged on: wait until the held-out split has doubled (new inputs may show its errors).
+    top = next((v for v in registry.serving().values() if v.task_key == ref.task_key and v.serves_adapter
+                and (v.score or 0.0) + policy.margin > 1.0), None)
+    if new >= want and top is not None and len(heldout) < 2 * top.metrics.get("n_heldout", 0):
+        return Due(None, f"{new} new training examples, but {top.adapter_id} scores {top.score:.2f} on "
+                         f"{top.metrics.get('n_heldout')} held-out inputs: no candidate could beat it by "
+                         f"{policy.margin}; retrained once {2 * top.metrics.get('n_heldout', 0)} are held out "
+                         f"({len(heldout)} now)")
     if new >= want:
         if running is not None:
             return Due(None, f"{new} new training examples; waiting for {running.adapter_id}")
-        wait = max((v.created_at for v in trainings), default=0.0) + policy.min_interval_s - time.time()
+        # trainings of any task share the CPU: min_interval_s apart, store-wide
+        last_training = max((v.created_at for v in registry.versions() if v.kind == "training"), default=0.0)
+        wait = last_training + policy.min_interval_s - time.time()
         if wait > 0:
             return Due(None, f"{new} new training examples; next training allowed in {wait:.0f} s")
         return Due("training", f"{new} new training examples (>= {want})")
     why = f"{new} new training examples (a training needs {want})"
-    if not policy.demonstrations or trainings:
+    if show_at is None:
         return Due(None, why)
     labelled = len(train) + len(heldout)
-    first = policy.demonstrations + policy.min_heldout
-    last = demos[-1].config.get("labelled", 0) if demos else 0
-    if labelled < max(first, 2 * last):
-        return Due(None, why + f"; demonstrations are tried at {max(first, 2 * last)} labelled examples "
-                               f"({labelled} now)")
+    if labelled < show_at:
+        return Due(None, why + f"; demonstrations are tried at {show_at} labelled examples ({labelled} now)")
     if running is not None:
         return Due(None, why + f"; demonstrations wait for {running.adapter_id}")
     return Due("demonstrations", f"{labelled} labelled examples: trying {policy.demonstrations} of them as "
@@ -136,6 +149,13 @@ def start_training(store: Store, ref: TaskRef, policy: TaskPolicy, *, wait: bool
     if wait:
         proc.wait()
     return v, proc
+
+
+def _urgency(registry: Registry, ref: TaskRef, d: Due) -> tuple:
+    trained = [v for v in registry.versions(ref.task_key) if v.kind == "training" and v.status in ("passed",
+                                                                                                    "rejected")]
+    serving = [v.score or 0.0 for v in registry.serving().values() if v.task_key == ref.task_key]
+    return (bool(trained), d.kind != "demonstrations", max(serving, default=0.0))
 
 
 class Learner:
@@ -174,19 +194,26 @@ class Learner:
         self._procs = [p for p in self._procs if p.poll() is None]  # reap finished workers
         with self._lock:
             refs = list(self._tasks.values())
+        ready = []
         for ref in refs:
             policy = self.policy.for_task(ref.function)
             try:
                 d = due(self.store, self.registry, ref, policy)
                 self.reasons[ref.task_key] = d.why
                 if d:
-                    v, proc = start_training(self.store, ref, policy, kind=d.kind, labelled=d.labelled)
-                    self._procs.append(proc)
-                    started.append(v.adapter_id)
-                    break  # one at a time
+                    ready.append((_urgency(self.registry, ref, d), ref, policy, d))
+            except Exception as e:  # the loop must never take the program down
+                log.warning("learning loop: %s: %s", type(e).__name__, e)
+        # One job at a time, the most useful first: a task nothing trained serves yet before a
+        # retraining, and among retrainings the task served worst.
+        for _, ref, policy, d in sorted(ready, key=lambda r: r[0])[:1]:
+            try:
+                v, proc = start_training(self.store, ref, policy, kind=d.kind, labelled=d.labelled)
+                self._procs.append(proc)
+                started.append(v.adapter_id)
             except RegistryError as e:  # another process won the race
                 log.debug("not training %s: %s", ref.task_key, e)
-            except Exception as e:  # the loop must never take the program down
+            except Exception as e:
                 log.warning("learning loop: %s: %s", type(e).__name__, e)
         return started
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from .. import demonstrations
+from ..demonstrations import plain_user_content
 from ..state.files import make_private, private_dir, private_open
 from ..state.policy import TaskPolicy
 from ..state.registry import HEARTBEAT_S, AdapterVersion, Registry, RegistryError
@@ -100,6 +101,15 @@ def _train(store: Store, registry: Registry, v: AdapterVersion, train_set, stagi
     policy = v.policy
     cfg = loop_train_config(policy)
     init = _previous_adapter(deployed, policy, cfg)
+    if init is not None:
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(init / "adapter_model.safetensors"), "pt"):
+                pass
+        except Exception as e:  # a damaged previous adapter must not fail every retraining
+            log(f"{v.adapter_id}: cannot continue from {deployed.adapter_id} ({e}); training from zero")
+            init = None
     if init is not None:
         cfg = replace(cfg, **{k: val for k, val in WARM_START.items() if k not in policy.train})
     log(f"{v.adapter_id}: training on {len(train_set)} examples, >= {cfg.min_steps} steps, "
@@ -176,10 +186,18 @@ def run_job(store: Store, adapter_id: str, *, progress: bool = False, log=print)
         # same examples. Demonstrations alone were never trained on anything, so when the
         # baseline was not trained on the training split either, every labelled example not
         # shown as a demonstration is fair to judge them on (more evidence, early on).
+        base_shown = demonstrations.load(deployed.demonstrations_path) \
+            if deployed and deployed.serves_demonstrations else ()
         judged = heldout
         if v.kind == "demonstrations" and (deployed is None or not deployed.serves_adapter):
-            shown_ids = {e.invocation_id for e in chosen}
-            judged = heldout + [e for e in train_set if e.invocation_id not in shown_ids]
+            # neither side may have seen the answer: not ours, not those the deployed version shows
+            seen = {json.dumps(d.user) for d in shown + base_shown}
+            judged = heldout + [e for e in train_set if json.dumps(plain_user_content(e.messages, e.tools)) not in seen]
+        if v.kind == "demonstrations" and not shown:
+            why = "no candidate: no training example of the plain call shape to show"
+            registry.finish(adapter_id, "rejected", metrics={"reason": why, "serves": {}})
+            log(f"{adapter_id}: not judged: {why}")
+            return registry.get(adapter_id)
         if len(judged) < policy.min_heldout:
             why = f"only {len(judged)} examples to judge on (< {policy.min_heldout})"
             registry.finish(adapter_id, "rejected", metrics={"reason": why, "serves": {}})
@@ -188,8 +206,6 @@ def run_job(store: Store, adapter_id: str, *, progress: bool = False, log=print)
         with Engine(model_path, n_threads=budget(), n_ctx=4096) as eng:
             base_adapters = [(eng.load_adapter(deployed.gguf_path), 1.0)] if deployed and deployed.serves_adapter \
                 else []
-            base_shown = demonstrations.load(deployed.demonstrations_path) \
-                if deployed and deployed.serves_demonstrations else ()
             baseline = evaluate(eng, judged, base_adapters, base_shown)
             trained = [(eng.load_adapter(v.gguf_path), 1.0)] if v.kind == "training" else None
             results = {}

@@ -96,13 +96,25 @@ class Call:
     def tools(self) -> list | None:
         return self.request.tools
 
+    def served_messages(self) -> list:
+        """The task's demonstrations (if its deployed version serves them) before the call,
+        when they fit this engine's context with the call's output budget; else the call as
+        it is (a deployed version never makes a call fail). The store keeps the program's
+        own messages either way."""
+        req = self.request
+        shown = with_demonstrations(req.messages, self.route.demonstrations, req.tools)
+        if shown is req.messages:
+            return shown
+        try:
+            n = len(self.engine.encode_chat(shown))
+        except Exception:
+            return req.messages
+        return shown if n + int(self.sampling.get("max_tokens") or 0) < self.engine.n_ctx else req.messages
+
     def submit_kwargs(self, i: int = 0) -> dict:
         """Engine.submit keywords for choice `i`."""
         req = self.request
-        # The task's demonstrations (if its deployed version serves them) go before the call;
-        # the store keeps the program's own messages.
-        messages = with_demonstrations(req.messages, self.route.demonstrations, req.tools)
-        kw = {**self.sampling, "messages": messages, "temperature": self.temperature,
+        kw = {**self.sampling, "messages": self.served_messages(), "temperature": self.temperature,
               "response_format": req.response_format}
         if req.tools:
             kw["tools"], kw["tool_choice"] = req.tools, self.tool_choice

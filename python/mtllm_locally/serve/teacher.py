@@ -26,7 +26,9 @@ PASSED_THROUGH = ("max_tokens", "stop", "seed", "top_p")
 def needed(policy: TaskPolicy, route: Route) -> bool:
     if not policy.teacher:
         return False
-    return route.adapter_id is None or (route.score or 0.0) < policy.teacher_until
+    # Only a trained adapter judged on held-out inputs retires the teacher: demonstrations alone
+    # are judged on few examples, and without the teacher's labels no training would ever come.
+    return not route.adapters or (route.score or 0.0) < policy.teacher_until
 
 
 def request(messages: list, temperature: float, response_format: Any, tools: list | None, tool_choice: Any,

@@ -73,11 +73,12 @@ class AdapterVersion:
     # demonstrations in the prompt, or both. (Versions made before demonstrations: the adapter.)
     @property
     def serves_adapter(self) -> bool:
-        return bool((self.metrics.get("serves") or {}).get("adapter", True))
+        serves = self.metrics.get("serves")
+        return self.kind == "training" if serves is None else bool(serves.get("adapter"))
 
     @property
     def serves_demonstrations(self) -> bool:
-        return bool((self.metrics.get("serves") or {}).get("demonstrations", False))
+        return bool((self.metrics.get("serves") or {}).get("demonstrations"))
 
     @property
     def demonstrations_path(self) -> Path:

@@ -265,8 +265,8 @@ class Store:
     def last_call_at(self) -> float | None:
         """When the latest call of any task was recorded (None: none yet): how the
         training process tells a busy program from an idle or exited one."""
-        (row,) = self.rows("SELECT MAX(created_at) AS t FROM turns")
-        return row["t"]
+        rows = self.rows("SELECT created_at FROM turns ORDER BY id DESC LIMIT 1")  # the rowid: no scan
+        return rows[0]["created_at"] if rows else None
 
     def set_shadow_output(self, invocation_id: str, turn_index: int, text: str) -> bool:
         """The student's shadow answer, stored into a turn a teacher answered once the
