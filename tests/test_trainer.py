@@ -209,7 +209,10 @@ def test_parity_on_the_real_default_model(tmp_path):
     reported alongside."""
     served = models.resolve(None)
     f32 = models.convert(served, models.FTYPE_F32)  # the served weights, dequantized exactly
-    res = train(None, EXAMPLES[:8], TrainConfig(epochs=1, batch_size=4, learning_rate=2e-3, min_steps=0), tmp_path, progress=False)
+    # every block trained (lora_layers=0): the layout of each one is pinned, and the effect is
+    # large enough to stand out of Q8_0's activation noise below
+    res = train(None, EXAMPLES[:8], TrainConfig(epochs=1, batch_size=4, learning_rate=2e-3, min_steps=0, lora_layers=0),
+                tmp_path, progress=False)
     ids = Tokenization(str(served)).prompt_ids(EXAMPLES[2]["messages"])
     base_t, lora_t = torch_peft_logits(str(served), res.peft_dir, ids)
     assert np.abs(lora_t - base_t).max() > 0.05   # the adapter does something
