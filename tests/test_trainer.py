@@ -391,6 +391,8 @@ def test_a_warm_start_continues_from_the_previous_adapter(tiny_model_path, tmp_p
     with pytest.raises(InvalidRequestError, match="does not fit this LoRA"):
         train(tiny_model_path, EXAMPLES, TrainConfig(**{**CFG.__dict__, "rank": 4}), tmp_path / "bad",
               progress=False, init_from=trained.peft_dir)
+    with pytest.raises(InvalidRequestError, match="init_from: cannot read"):
+        train(tiny_model_path, EXAMPLES, CFG, tmp_path / "none", progress=False, init_from=tmp_path / "missing")
 
 
 def test_the_thread_budget_is_asked_every_step_and_followed(tiny_model_path, tmp_path):

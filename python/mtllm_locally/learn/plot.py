@@ -8,12 +8,26 @@ from pathlib import Path
 from ..state.registry import Registry
 
 
-def plot_versions(registry: Registry, out: str | Path, *, timeline: list[dict] | None = None,
-                  title: str = "held-out score per adapter version") -> Path:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display, no GUI toolkit
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt, fig, out: str | Path) -> Path:
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_versions(registry: Registry, out: str | Path, *, timeline: list[dict] | None = None,
+                  title: str = "held-out score per adapter version") -> Path:
+    plt = _pyplot()
 
     versions = [v for v in registry.versions() if v.status in ("passed", "rejected")]
     promoted = {r["adapter_id"] for r in registry.log() if r["action"] == "promote"}
@@ -44,19 +58,12 @@ def plot_versions(registry: Registry, out: str | Path, *, timeline: list[dict] |
         ax.set_ylim(-0.05, 1.05)
         ax.set_title("accuracy of the version serving the task, over time", fontsize=9)
     fig.suptitle(title)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_losses(losses: list[float], out: str | Path, *, title: str = "training loss per step") -> Path:
     """Mean completion loss per training step (log scale: the plateau and its end show)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 3.2))
     ax.semilogy(range(1, len(losses) + 1), [max(x, 1e-5) for x in losses], color="tab:blue")
@@ -64,21 +71,14 @@ def plot_losses(losses: list[float], out: str | Path, *, title: str = "training 
     ax.set_ylabel("completion loss")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_curves(curves: dict[str, list[dict]], out: str | Path, *,
                 title: str = "accuracy vs labelled calls") -> Path:
     """One line per task: test accuracy of what the gate serves after n labelled calls
     (points: {"labelled", "accuracy", "served"}), each point labelled with what served."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 4))
     for task, points in curves.items():
@@ -93,8 +93,4 @@ def plot_curves(curves: dict[str, list[dict]], out: str | Path, *,
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title(title)
-    fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)

@@ -212,7 +212,11 @@ def warm_start(model, peft_dir: str | Path) -> None:
     retraining continues from the task's previous version rather than from zero."""
     from safetensors.torch import load_file
 
-    saved = load_file(str(Path(peft_dir) / "adapter_model.safetensors"))
+    path = Path(peft_dir) / "adapter_model.safetensors"
+    try:
+        saved = load_file(str(path))
+    except Exception as e:  # missing, truncated, not safetensors
+        raise InvalidRequestError(f"init_from: cannot read {path}: {type(e).__name__}: {e}") from None
     params = dict(model.named_parameters())
     pairs = {}
     for key, value in saved.items():  # base_model.model.<module>.lora_A.weight -> ...lora_A.default.weight
