@@ -16,7 +16,7 @@ pytest.importorskip("peft")
 
 from mtllm_locally import Engine, InvalidRequestError, models  # noqa: E402
 from mtllm_locally.learn import export  # noqa: E402
-from mtllm_locally.learn.torch_llama import load_llama, read_config  # noqa: E402
+from mtllm_locally.learn.torch_model import load_model, read_config  # noqa: E402
 from mtllm_locally.learn.trainer import (  # noqa: E402
     CHECKPOINT_FILE, TrainConfig, Tokenization, TrainingCancelled, cache_frozen_layers, completion_loss,
     prepare_examples, train)
@@ -31,7 +31,7 @@ def torch_peft_logits(base_path, peft_dir, ids):
     from safetensors.torch import load_file
 
     conf = json.loads((peft_dir / "adapter_config.json").read_text())
-    model = get_peft_model(load_llama(base_path), LoraConfig(r=conf["r"], lora_alpha=conf["lora_alpha"],
+    model = get_peft_model(load_model(base_path), LoraConfig(r=conf["r"], lora_alpha=conf["lora_alpha"],
                                                               target_modules=conf["target_modules"], lora_dropout=0.0,
                                                               layers_to_transform=conf.get("layers_to_transform"),
                                                               layers_pattern=conf.get("layers_pattern")))
@@ -190,13 +190,15 @@ def test_bad_input(tiny_model_path, tmp_path):
         train(tiny_model_path, [{"prompt": "x"}] * 2, CFG, tmp_path, progress=False)
     with pytest.raises(InvalidRequestError):
         TrainConfig(rank=0)
-    w = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "qwen2")
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    with pytest.raises(InvalidRequestError, match="cannot train architecture 'qwen2'"):
-        read_config(gguf.GGUFReader(str(tmp_path / "q.gguf")))
+    for arch, match in (("phi3", "cannot train architecture 'phi3'; supported: llama, qwen2, qwen3, gemma3"),
+                        ("qwen2", "no token_embd")):
+        w = gguf.GGUFWriter(str(tmp_path / f"{arch}.gguf"), arch)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        with pytest.raises(InvalidRequestError, match=match):
+            read_config(gguf.GGUFReader(str(tmp_path / f"{arch}.gguf")))
 
 
 def test_parity_on_the_real_default_model(tmp_path):
@@ -233,7 +235,7 @@ def test_cached_frozen_layers_give_the_same_loss(tiny_model_path):
     gradient) must equal a full forward on a batch padded differently."""
     tok = Tokenization(tiny_model_path)
     data = prepare_examples(tok, EXAMPLES[:6], 1024)
-    model = load_llama(tiny_model_path)
+    model = load_model(tiny_model_path)
     full, _ = completion_loss(model, data[:3])
     first = model.config.n_layer - 1
     cache_frozen_layers(model, data, first, batch_size=6)  # cached in a batch of 6, used in one of 3
@@ -274,7 +276,7 @@ def test_shared_prefix_gives_the_same_loss_and_gradient(tiny_model_path):
                                                               ("grass is long", "green")])], 1024)
     assert shared_prefix_length(data) >= 8
     torch.manual_seed(0)
-    model = get_peft_model(load_llama(tiny_model_path), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0, init_lora_weights=False))
+    model = get_peft_model(load_model(tiny_model_path), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0, init_lora_weights=False))
     core = model.base_model.model
     grads = []
     for share in (False, True):
@@ -288,16 +290,21 @@ def test_shared_prefix_gives_the_same_loss_and_gradient(tiny_model_path):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_fused_lora_forward_matches_peft(tiny_model_path):
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_fused_lora_forward_matches_peft(tiny_model_path, arch, tmp_path):
     """The trainer's LoRA forward (lora_linear.py: base and LoRA in one GEMM, q/k/v stacked)
-    must give PEFT's loss and LoRA gradients."""
+    must give PEFT's loss and LoRA gradients, with Qwen2's q/k/v biases too."""
     from peft import LoraConfig, get_peft_model
 
+    from mtllm_locally.bench.tiny_models import FAMILIES, build_tiny_llama
     from mtllm_locally.learn.lora_linear import use_fused_forward
 
+    if arch != "llama":
+        tiny_model_path = str(tmp_path / f"{arch}.gguf")
+        build_tiny_llama(tiny_model_path, FAMILIES[arch])
     data = prepare_examples(Tokenization(tiny_model_path), EXAMPLES[:6], 1024)
     torch.manual_seed(0)
-    model = get_peft_model(load_llama(tiny_model_path), LoraConfig(
+    model = get_peft_model(load_model(tiny_model_path), LoraConfig(
         r=4, lora_alpha=8, target_modules=list(export.TARGET_MODULES), lora_dropout=0.0, init_lora_weights=False))
     core = model.base_model.model
     results = []
@@ -317,19 +324,19 @@ def test_fused_lora_forward_matches_peft(tiny_model_path):
         assert torch.allclose(g0[n], g1[n], rtol=1e-4, atol=1e-6), n
     with model.disable_adapter(), torch.no_grad():  # PEFT's switch still works on the fused forward
         ids = torch.tensor([data[0].prompt_ids])
-        assert torch.allclose(core(ids), load_llama(tiny_model_path)(ids), atol=1e-5)
+        assert torch.allclose(core(ids), load_model(tiny_model_path)(ids), atol=1e-5)
 
 
-def test_torch_llama_matches_transformers(tiny_model_path):
+def test_torch_model_matches_transformers(tiny_model_path):
     """The trainer's model (read from GGUF, q/k rows un-permuted) computes what transformers'
     LlamaForCausalLM computes with the same weights."""
     pytest.importorskip("transformers")
-    from mtllm_locally.bench.train import transformers_llama
+    from mtllm_locally.learn.torch_model import transformers_model
 
     ids = torch.tensor([prepare_examples(Tokenization(tiny_model_path), EXAMPLES[:2], 1024)[0].prompt_ids])
     with torch.no_grad():
-        ours = load_llama(tiny_model_path)(ids)
-        theirs = transformers_llama(tiny_model_path).eval()(input_ids=ids).logits
+        ours = load_model(tiny_model_path)(ids)
+        theirs = transformers_model(tiny_model_path).eval()(input_ids=ids).logits
     assert ours.shape == theirs.shape
     assert rel(ours.numpy(), theirs.numpy()) < 1e-5
 
@@ -345,8 +352,8 @@ def test_rope_frequency_factors_and_linear_scaling_match_llama_cpp(tmp_path):
     build_tiny_llama(plain, TinyConfig(seed=3))
     ids = Tokenization(str(path)).prompt_ids(EXAMPLES[0]["messages"])
     with torch.no_grad():
-        ours = load_llama(path)(torch.tensor([ids]))[0].numpy()
-        without = load_llama(plain)(torch.tensor([ids]))[0].numpy()
+        ours = load_model(path)(torch.tensor([ids]))[0].numpy()
+        without = load_model(plain)(torch.tensor([ids]))[0].numpy()
     with Engine(str(path), flash_attn=False, kv_f32=True) as eng:
         served = engine_logits(eng, ids)
     assert rel(ours, without) > 1e-2  # the factors matter ...
@@ -379,7 +386,7 @@ def test_unknown_tensors_and_rope_scalings_are_refused(tmp_path, tiny_model_path
         w.write_tensors_to_file()
         w.close()
         with pytest.raises(InvalidRequestError, match=match):
-            load_llama(path)
+            load_model(path)
 
 
 def test_a_warm_start_continues_from_the_previous_adapter(tiny_model_path, tmp_path, trained):

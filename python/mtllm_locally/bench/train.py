@@ -64,24 +64,6 @@ def accuracy(eng: Engine, data, adapters=()) -> float:
     return ok / len(data)
 
 
-def transformers_llama(path: str):
-    """The served GGUF's weights in transformers' own LlamaForCausalLM (the model a PEFT user has)."""
-    import transformers
-
-    from ..learn.torch_llama import load_llama
-
-    ours = load_llama(path)
-    c = ours.config
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=c.n_vocab, hidden_size=c.n_embd, intermediate_size=c.n_ff, num_hidden_layers=c.n_layer,
-        num_attention_heads=c.n_head, num_key_value_heads=c.n_head_kv, max_position_embeddings=c.n_ctx,
-        rms_norm_eps=c.rms_eps, rope_theta=c.rope_base, tie_word_embeddings=c.tied_embeddings))
-    result = model.load_state_dict(ours.state_dict(), strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise RuntimeError(f"transformers' Llama does not take our weights: {result}")
-    return model.requires_grad_(False)
-
-
 def naive_tokens_per_second(path: str, examples, steps: int, batch_size: int, model: str = "transformers") -> float:
     """The baseline: PEFT on a Llama in fp32, examples in order (no length buckets), full
     logits and loss over every position. `model` is transformers' LlamaForCausalLM (what
@@ -89,9 +71,9 @@ def naive_tokens_per_second(path: str, examples, steps: int, batch_size: int, mo
     shows what the trainer's method alone gains)."""
     from peft import LoraConfig, get_peft_model
 
-    from ..learn.torch_llama import load_llama
+    from ..learn.torch_model import load_model, transformers_model
 
-    base = transformers_llama(path) if model == "transformers" else load_llama(path)
+    base = transformers_model(path) if model == "transformers" else load_model(path)
     peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=list(
         TrainConfig().target_modules), lora_dropout=0.0))
     peft_model.train()

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..state.files import make_private
-from .torch_llama import HF_TO_GGUF, LlamaConfig, permute_qk
+from .torch_model import ModelShape, gguf_name, permute_qk, tensor_names
 
 TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -37,11 +37,13 @@ def lora_weights(peft_model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
-def write_gguf_adapter(path: str | Path, weights: dict, config: LlamaConfig, alpha: float, rank: int,
+def write_gguf_adapter(path: str | Path, weights: dict, config: ModelShape, alpha: float, rank: int,
                        use_rslora: bool = False, metadata: dict | None = None) -> Path:
     path = Path(path)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    w = gguf.GGUFWriter(str(tmp), "llama")
+    # llama.cpp refuses an adapter whose architecture is not its model's
+    w = gguf.GGUFWriter(str(tmp), config.arch)
+    names = tensor_names(config)
     w.add_string("general.type", "adapter")
     w.add_string("adapter.type", "lora")
     # llama.cpp scales by alpha / r; rsLoRA scales by alpha / sqrt(r), i.e. (alpha * sqrt(r)) / r.
@@ -49,13 +51,14 @@ def write_gguf_adapter(path: str | Path, weights: dict, config: LlamaConfig, alp
     for k, v in (metadata or {}).items():
         w.add_string(f"mtllm.{k}", str(v))
     for key, (a, b) in sorted(weights.items()):
-        _, _, layer, *rest = key.split(".")
-        kind = HF_TO_GGUF[".".join(rest)]
-        if kind == "attn_q":
+        base = gguf_name(names, key + ".weight")
+        if base is None:
+            raise ValueError(f"no GGUF tensor for LoRA module {key} in a {config.arch} model")
+        kind = base.split(".")[2]
+        if config.permuted_qk and kind == "attn_q":
             b = permute_qk(b, config.n_head)
-        elif kind == "attn_k":
+        elif config.permuted_qk and kind == "attn_k":
             b = permute_qk(b, config.n_head_kv)
-        base = f"blk.{layer}.{kind}.weight"
         w.add_tensor(base + ".lora_a", np.ascontiguousarray(a, dtype=np.float32))
         w.add_tensor(base + ".lora_b", np.ascontiguousarray(b, dtype=np.float32))
     w.write_header_to_file()

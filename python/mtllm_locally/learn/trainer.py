@@ -36,7 +36,7 @@ from ..chat import ChatTemplate, PromptEncoder, read_template_source
 from ..errors import InvalidRequestError, MtllmError
 from . import export
 from .lora_linear import use_fused_forward
-from .torch_llama import LlamaForCausalLM, gguf_reader, load_llama, read_config
+from .torch_model import DecoderForCausalLM, gguf_reader, load_model, read_config
 
 
 class TrainingCancelled(MtllmError):
@@ -233,14 +233,14 @@ def warm_start(model, peft_dir: str | Path) -> None:
             params[name].copy_(value)
 
 
-def cache_frozen_layers(model: LlamaForCausalLM, data: list[TokenizedExample], first_trained: int, batch_size: int) -> None:
+def cache_frozen_layers(model: DecoderForCausalLM, data: list[TokenizedExample], first_trained: int, batch_size: int) -> None:
     """Run the blocks below the first LoRA block once per example and keep the result:
     they are frozen, so every epoch would compute the same thing."""
     with torch.no_grad():
         for k in range(0, len(data), batch_size):
             batch = data[k:k + batch_size]
             ids, mask = _padded(batch, 0)
-            x = model.run_layers(model.model.embed_tokens(ids), mask, 0, first_trained)
+            x = model.run_layers(model.embed(ids), mask, 0, first_trained)
             for b, e in enumerate(batch):
                 e.frozen = x[b, : len(e.prompt_ids) + len(e.completion_ids)].clone()
 
@@ -263,7 +263,7 @@ def shared_prefix_length(batch: list[TokenizedExample]) -> int:
     return n if n >= MIN_SHARED_PREFIX else 0
 
 
-def completion_loss(model: LlamaForCausalLM, batch: list[TokenizedExample], pad_id: int = 0,
+def completion_loss(model: DecoderForCausalLM, batch: list[TokenizedExample], pad_id: int = 0,
                     first_trained: int = 0, share_prefix: bool = True) -> tuple[torch.Tensor, int]:
     """Mean cross-entropy over completion tokens; logits only at those positions."""
     ids, mask = _padded(batch, pad_id, inputs_only=True)
@@ -278,8 +278,8 @@ def completion_loss(model: LlamaForCausalLM, batch: list[TokenizedExample], pad_
     P = shared_prefix_length(batch) if share_prefix and not first_trained else 0
     if P:
         # Prompts of one task share their start (system text, instructions): compute it once.
-        xp = model.model.embed_tokens(ids[:1, :P])
-        picked = model.run_shared_prefix(xp, model.model.embed_tokens(ids[:, P:]), mask[:, P:], rows_t, cols_t - P)
+        xp = model.embed(ids[:1, :P])
+        picked = model.run_shared_prefix(xp, model.embed(ids[:, P:]), mask[:, P:], rows_t, cols_t - P)
     else:
         if first_trained:
             x = torch.zeros((*ids.shape, model.config.n_embd), dtype=batch[0].frozen.dtype)
@@ -287,9 +287,9 @@ def completion_loss(model: LlamaForCausalLM, batch: list[TokenizedExample], pad_
                 n = len(e.frozen) - 1  # the inputs: all but the last token
                 x[b, :n] = e.frozen[:n]
         else:
-            x = model.model.embed_tokens(ids)
+            x = model.embed(ids)
         picked = model.run_layers(x, mask, first_trained, model.config.n_layer)[rows_t, cols_t]
-    logits = model.lm_head(model.model.norm(picked)).float()
+    logits = model.head(picked)
     return torch.nn.functional.cross_entropy(logits, torch.tensor(targets)), len(targets)
 
 
@@ -337,7 +337,7 @@ def train(model_path: str | Path | None, examples: Iterable[Mapping[str, Any]], 
 
     from peft import LoraConfig, get_peft_model
 
-    base = load_llama(path)
+    base = load_model(path)
     n_layer = base.config.n_layer
     first_trained = max(0, n_layer - config.lora_layers) if config.lora_layers else 0
     layers = list(range(first_trained, n_layer))
