@@ -391,9 +391,11 @@ def gguf_reader(path: str | Path) -> gguf.GGUFReader:
         raise ModelLoadError(f"cannot read GGUF {path}: {e}") from e
 
 
-def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> DecoderForCausalLM:
-    """Dequantize the GGUF at `path` into a torch model (HF layout and names)."""
-    reader = gguf_reader(path)
+def load_model(path: str | Path, dtype: torch.dtype = torch.float32,
+               reader: gguf.GGUFReader | None = None) -> DecoderForCausalLM:
+    """Dequantize the GGUF at `path` into a torch model (HF layout and names). Pass the
+    file's `reader` if you have one: indexing a 262k-token vocabulary takes gguf-py seconds."""
+    reader = reader or gguf_reader(path)
     c = read_config(reader)
     model = DecoderForCausalLM(c)
     names = tensor_names(c)
@@ -424,6 +426,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> DecoderF
         model.load_state_dict({k: torch.from_numpy(np.array(v, dtype=np.float32, copy=True)) for k, v in sd.items()})
     except RuntimeError as e:  # a tensor of the wrong shape for the metadata
         raise InvalidRequestError(f"GGUF tensors do not fit its own metadata: {str(e).splitlines()[-1]}") from None
+    if c.tied_embeddings:  # one tensor, as in the file: a 262k x 640 vocabulary is 670 MB in float32
+        model.lm_head.weight = model.model.embed_tokens.weight
     model.requires_grad_(False)
     return model.to(dtype)
 

@@ -326,7 +326,8 @@ def train(model_path: str | Path | None, examples: Iterable[Mapping[str, Any]], 
                model_path in models.DEFAULT_ALIASES else models.check_gguf(model_path))
     if checkpoint_dir is not None and Path(checkpoint_dir).exists() and not Path(checkpoint_dir).is_dir():
         raise InvalidRequestError(f"checkpoint_dir {checkpoint_dir} exists and is not a directory")
-    shape = read_config(gguf_reader(path))  # refuses an architecture we cannot train before any work
+    reader = gguf_reader(path)
+    shape = read_config(reader)  # refuses an architecture we cannot train before any work
     tok = Tokenization(path)
     data = prepare_examples(tok, examples, config.max_length, shape.n_ctx)
     rng = random.Random(config.seed)
@@ -337,7 +338,7 @@ def train(model_path: str | Path | None, examples: Iterable[Mapping[str, Any]], 
 
     from peft import LoraConfig, get_peft_model
 
-    base = load_model(path)
+    base = load_model(path, reader=reader)
     n_layer = base.config.n_layer
     first_trained = max(0, n_layer - config.lora_layers) if config.lora_layers else 0
     layers = list(range(first_trained, n_layer))
