@@ -6,6 +6,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -22,9 +23,15 @@ using namespace mtllm;
 namespace {
 
 // Records calls as tuples: ("rm", seq, p0, p1) and ("cp", src, dst, p0, p1).
-// fail_partial_rm mimics a memory that cannot drop part of a sequence (recurrent models).
+// fail_partial_rm mimics a memory that cannot drop part of a sequence (recurrent models);
+// pos_min[seq] what seq_pos_min answers (0 when unset: every cell still there).
 class FakeKvMemory final : public KvMemory {
 public:
+    int seq_pos_min(int seq) override {
+        auto it = pos_min.find(seq);
+        return it == pos_min.end() ? 0 : it->second;
+    }
+    std::map<int, int> pos_min;
     bool seq_rm(int seq, int p0, int p1) override {
         calls.push_back(py::make_tuple("rm", seq, p0, p1));
         return !(fail_partial_rm && p0 > 0);
@@ -88,13 +95,14 @@ void bind_internals(py::module_& parent) {
         .def(py::init<>())
         .def_readonly("calls", &FakeKvMemory::calls)
         .def("clear_calls", [](FakeKvMemory& f) { f.calls.clear(); })
-        .def_readwrite("fail_partial_rm", &FakeKvMemory::fail_partial_rm);
+        .def_readwrite("fail_partial_rm", &FakeKvMemory::fail_partial_rm)
+        .def_readwrite("pos_min", &FakeKvMemory::pos_min);
 
     py::class_<KvCacheManager, std::shared_ptr<KvCacheManager>>(m, "KvCacheManager")
-        .def(py::init([](std::shared_ptr<FakeKvMemory> mem, int n_seq, bool prefix_reuse) {
+        .def(py::init([](std::shared_ptr<FakeKvMemory> mem, int n_seq, bool prefix_reuse, int n_swa) {
                  if (n_seq < 1) throw InvalidRequestError("n_seq must be >= 1");
-                 return std::make_shared<KvCacheManager>(std::move(mem), n_seq, prefix_reuse);
-             }), py::arg("memory"), py::arg("n_seq"), py::arg("prefix_reuse") = true)
+                 return std::make_shared<KvCacheManager>(std::move(mem), n_seq, prefix_reuse, n_swa);
+             }), py::arg("memory"), py::arg("n_seq"), py::arg("prefix_reuse") = true, py::arg("n_swa") = 0)
         .def("acquire", [](KvCacheManager& kv, const std::vector<llama_token>& tokens, const std::string& key,
                            bool allow_reuse) -> py::object {
                  SlotPlan plan;

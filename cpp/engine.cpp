@@ -67,8 +67,9 @@ Engine::Engine(std::shared_ptr<Model> model, const EngineParams& params)
     configured_threads_ = threads;
     applied_threads_.store(threads);
     cp.kv_unified = true;  // required by seq_cp prefix sharing, and one sequence may use all of n_ctx
-    // Sliding-window layers (Gemma 3, ...) otherwise drop cells that left the window,
-    // and a reused prefix would then attend to cells that are gone.
+    // Sliding-window layers (Gemma 3, ...): a full-size window cache keeps old cells until
+    // their room is needed, instead of overwriting them at once, so most prefixes stay
+    // reusable; the KV manager checks what is left before reusing one (window_holds).
     cp.swa_full = true;
     cp.no_perf = true;
     cp.flash_attn_type = params_.flash_attn < 0 ? LLAMA_FLASH_ATTN_TYPE_AUTO
@@ -82,7 +83,7 @@ Engine::Engine(std::shared_ptr<Model> model, const EngineParams& params)
     if (!ctx_) throw ModelLoadError("cannot create a llama.cpp context: " + log_last_errors());
     n_ctx_ = int(llama_n_ctx_seq(ctx_));
     kv_ = std::make_unique<KvCacheManager>(std::make_shared<LlamaKvMemory>(llama_get_memory(ctx_)), n_seq_max_,
-                                           params_.prefix_reuse);
+                                           params_.prefix_reuse, llama_model_n_swa(model_->get()));
     // llama.cpp caps n_batch at n_ctx; a step larger than its cap is a GGML_ASSERT.
     scheduler_ = std::make_unique<Scheduler>(int(llama_n_batch(ctx_)), params_.max_running, *kv_);
     batch_ = llama_batch_init(params_.n_batch, 0, 1);

@@ -1,5 +1,6 @@
 #include "kv_cache_manager.h"
 
+#include <algorithm>
 #include <utility>
 
 namespace mtllm {
@@ -13,8 +14,22 @@ int common_prefix(const std::vector<llama_token>& a, const std::vector<llama_tok
 }
 }  // namespace
 
-KvCacheManager::KvCacheManager(std::shared_ptr<KvMemory> mem, int n_seq, bool prefix_reuse)
-    : mem_(std::move(mem)), seqs_(size_t(n_seq)), prefix_reuse_(prefix_reuse) {}
+KvCacheManager::KvCacheManager(std::shared_ptr<KvMemory> mem, int n_seq, bool prefix_reuse, int n_swa)
+    : mem_(std::move(mem)), seqs_(size_t(n_seq)), prefix_reuse_(prefix_reuse), n_swa_(n_swa) {}
+
+// A sliding-window layer keeps a cell only while it is inside the window of its sequence's
+// newest position: llama.cpp's slot search takes cells that left the window as free (even
+// with swa_full, which only sizes that cache like the others), so an idle cache loses its
+// oldest window-layer cells whenever another request needs room. The token at position
+// `len` attends to positions (len - n_swa, len); llama.cpp guarantees every position from
+// seq_pos_min to the newest is present, so the prefix is usable iff seq_pos_min is at most
+// the first of those. Reusing it anyway would silently drop context: the output differed
+// from a fresh engine's (tests/test_gemma3.py).
+bool KvCacheManager::window_holds(int seq, int len) {
+    if (n_swa_ <= 0) return true;
+    const int pos_min = mem_->seq_pos_min(seq);
+    return pos_min >= 0 && pos_min <= std::max(0, len - n_swa_ + 1);
+}
 
 bool KvCacheManager::acquire(const std::vector<llama_token>& tokens, const std::string& key, bool allow_reuse,
                              SlotPlan* plan) {
@@ -26,6 +41,7 @@ bool KvCacheManager::acquire(const std::vector<llama_token>& tokens, const std::
             if (q.key != key || q.tokens.empty()) continue;
             int len = common_prefix(q.tokens, tokens);
             if (len > limit) len = limit;
+            if (len > 0 && !window_holds(s, len)) continue;  // a shorter prefix would need older cells still
             // Prefer an idle source on ties: it can be taken over in place.
             if (len > best_len || (len == best_len && len > 0 && best >= 0 && seqs_[size_t(best)].busy && !q.busy)) {
                 best = s;

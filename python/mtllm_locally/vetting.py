@@ -79,18 +79,23 @@ def _timeout_s(*paths: str) -> float:
     return 60.0 + 30.0 * size_gb
 
 
+def _settings(n_gpu_layers: int, flash_attn: int, kv_f32: bool, use_mmap: bool, use_repack: bool) -> dict:
+    out = dict(n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, kv_f32=kv_f32, use_mmap=use_mmap)
+    if not use_repack:  # other kernels; named only when off, so that verdicts cached before it still hold
+        out["use_repack"] = False
+    return out
+
+
 def vet_model(path: str, *, n_gpu_layers: int = 0, flash_attn: int = 0, kv_f32: bool = False,
-              use_mmap: bool = True) -> None:
+              use_mmap: bool = True, use_repack: bool = True) -> None:
     """Raise ModelLoadError if loading and decoding `path` crashes llama.cpp."""
-    _vet(ModelLoadError, path, None, dict(n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, kv_f32=kv_f32,
-                                          use_mmap=use_mmap))
+    _vet(ModelLoadError, path, None, _settings(n_gpu_layers, flash_attn, kv_f32, use_mmap, use_repack))
 
 
 def vet_adapter(model_path: str, adapter_path: str, *, n_gpu_layers: int = 0, flash_attn: int = 0,
-                kv_f32: bool = False, use_mmap: bool = True) -> None:
+                kv_f32: bool = False, use_mmap: bool = True, use_repack: bool = True) -> None:
     """Raise AdapterLoadError if loading `adapter_path` onto the model and decoding with it crashes."""
-    _vet(AdapterLoadError, model_path, adapter_path, dict(n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
-                                                          kv_f32=kv_f32, use_mmap=use_mmap))
+    _vet(AdapterLoadError, model_path, adapter_path, _settings(n_gpu_layers, flash_attn, kv_f32, use_mmap, use_repack))
 
 
 def _vet(error: type, model_path: str, adapter_path: str | None, settings: dict) -> None:
@@ -241,6 +246,7 @@ def _child(spec: dict) -> int:
         mp = _engine.ModelParams()
         mp.n_gpu_layers = spec["n_gpu_layers"]
         mp.use_mmap = spec["use_mmap"]
+        mp.use_repack = spec.get("use_repack", True)
         model = _engine.Model(spec["model"], mp)
         ep = _engine.EngineParams()
         ep.n_ctx, ep.n_batch, ep.max_running, ep.cache_sequences = 256, 128, 2, 1
