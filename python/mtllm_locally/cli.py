@@ -5,6 +5,7 @@
     train | eval | promote | rollback         the learning loop, by hand
     release [ADAPTER_ID] [--force]            clear a stuck training reservation
     export | plot                             adapters out; held-out accuracy per version
+    export-hf [MODEL] OUT                     the served model as a Hugging Face directory (for vLLM)
 """
 
 from __future__ import annotations
@@ -224,6 +225,17 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_export_hf(args) -> int:
+    import torch
+
+    from . import models
+    from .learn.hf_model import write_hf_model
+
+    out = write_hf_model(models.resolve(args.gguf or args.model), args.out, dtype=getattr(torch, args.dtype))
+    print(f"Hugging Face model -> {out}")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from .learn.plot import plot_versions
     from .state.registry import Registry
@@ -305,6 +317,13 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--format", choices=("peft", "gguf"), default="peft")
     g.add_argument("--out", required=True)
     g.set_defaults(fn=cmd_export)
+    g = sub.add_parser("export-hf", help="the served model as a Hugging Face model directory (no download)")
+    g.add_argument("gguf", nargs="?", default=None, metavar="MODEL", help="GGUF path (default: --model, or the "
+                   "embedded default as served)")
+    g.add_argument("out")
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="float32 (default): the base the adapters were trained on, exactly")
+    g.set_defaults(fn=cmd_export_hf)
     g = sub.add_parser("plot", help="held-out accuracy per adapter version per task (PNG)")
     g.add_argument("--out", default="mtllm_locally_versions.png")
     g.set_defaults(fn=cmd_plot)

@@ -438,9 +438,8 @@ def train(model_path: str | Path | None, examples: Iterable[Mapping[str, Any]], 
     meta = {"base": Path(path).name, "train_config": asdict(config), "steps": step, "final_loss": losses[-1]}
     gguf_path = export.write_gguf_adapter(out / f"{name}.gguf", weights, base.config, config.alpha, config.rank,
                                           config.use_rslora, metadata=meta)
-    peft_dir = export.write_peft_adapter(out / f"{name}-peft", weights, config.alpha, config.rank,
-                                         config.use_rslora, base_model=Path(path).name,
-                                         layers=layers if first_trained else None)
+    peft_dir = export.write_peft_adapter(out / f"{name}-peft", model, base_model=export.hf_base_name(reader, path),
+                                         base_fingerprint=models.fingerprint(path))
     if ckpt is not None:
         ckpt.remove()
     return TrainResult(gguf_path, peft_dir, step, tokens, seconds, losses, resumed_from)
