@@ -17,6 +17,12 @@ def _train(**kw):
     return train.run(**kw)
 
 
+def _families(**kw):
+    from . import families  # needs the train extra and the Gemma 3 270M package
+
+    return families.run(**kw)
+
+
 def _loop(**kw):
     from . import loop  # needs the jac and train extras
 
@@ -36,7 +42,8 @@ def _robustness(**kw):
 
 
 SECTIONS = {"inference": inference.run, "adapters": adapters.run, "jac": _jac, "train": _train, "loop": _loop,
-            "robustness": _robustness, "amx": amx.run, "typed": _typed}
+            "robustness": _robustness, "amx": amx.run, "typed": _typed,
+            "families": _families}
 
 
 def main(argv=None) -> int:
