@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from types import MappingProxyType
 
 import gguf
 import numpy as np
@@ -76,7 +77,8 @@ def write_gguf_adapter(path: str | Path, weights: dict, config: ModelShape, alph
 
 # The Hugging Face names of models we ship, whose GGUF metadata does not say it (the
 # embedded SmolLM2 was converted from a training checkpoint: its name is the run's).
-KNOWN_HF_NAMES = {("HuggingFaceTB", "Smollm2 135M 8k Lc100K Mix1 Ep2"): "HuggingFaceTB/SmolLM2-135M-Instruct"}
+KNOWN_HF_NAMES = MappingProxyType({
+    ("HuggingFaceTB", "Smollm2 135M 8k Lc100K Mix1 Ep2"): "HuggingFaceTB/SmolLM2-135M-Instruct"})
 # Metadata that names the repository the GGUF was converted from, most specific first.
 # Not `general.base_model.N.*`: that is the model card's `base_model`, the model this one
 # was fine-tuned from (Qwen2.5-0.5B for Qwen2.5-0.5B-Instruct), whose weights differ.

@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import gguf
 import numpy as np
@@ -38,12 +39,12 @@ from ..errors import InvalidRequestError, ModelLoadError
 
 SUPPORTED_ARCHS = ("llama", "qwen2", "qwen3", "gemma3")
 # What each family needs, by the GGUF's `general.architecture`.
-QK_PERMUTED = {"llama"}             # converter permuted q/k rows for llama.cpp's interleaved RoPE
-QKV_BIAS = {"qwen2"}
-QK_NORM = {"qwen3", "gemma3"}
-GEMMA = {"gemma3"}                  # scaled embeddings, sandwich norms, GELU, sliding windows
-HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-            "gemma3": "Gemma3ForCausalLM"}
+QK_PERMUTED = frozenset({"llama"})  # converter permuted q/k rows for llama.cpp's interleaved RoPE
+QKV_BIAS = frozenset({"qwen2"})
+QK_NORM = frozenset({"qwen3", "gemma3"})
+GEMMA = frozenset({"gemma3"})       # scaled embeddings, sandwich norms, GELU, sliding windows
+HF_CLASS = MappingProxyType({"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                             "qwen3": "Qwen3ForCausalLM", "gemma3": "Gemma3ForCausalLM"})
 
 
 @dataclass(frozen=True)
