@@ -130,13 +130,14 @@ def test_gemma3s_own_error_for_roles_that_do_not_alternate_is_a_template_error()
 
 # ---------------------------------------------------------------- built-in templates
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
-@pytest.mark.parametrize("conversation", CONVERSATIONS)
-@pytest.mark.parametrize("builtin, vendor", [(GEMMA_TEMPLATE, "gemma3-it"), (LLAMA3_TEMPLATE, "llama3-instruct"),
-                                             (CHATML_TEMPLATE, "qwen2.5-instruct")])
+# Qwen2.5's own template adds a system message where there is none; ChatML does not: those
+# conversations are compared only for the families whose templates add nothing.
+@pytest.mark.parametrize("builtin, vendor, conversation", [
+    (builtin, vendor, name) for builtin, vendor in ((GEMMA_TEMPLATE, "gemma3-it"), (LLAMA3_TEMPLATE, "llama3-instruct"),
+                                                    (CHATML_TEMPLATE, "qwen2.5-instruct"))
+    for name, messages in CONVERSATIONS.items() if not vendor.startswith("qwen") or messages[0]["role"] == "system"])
 def test_a_builtin_template_renders_what_its_familys_template_does(builtin, vendor, conversation, add_generation_prompt):
     messages = CONVERSATIONS[conversation]
-    if vendor.startswith("qwen") and messages[0]["role"] != "system":
-        pytest.skip("Qwen2.5 adds its own system message where there is none")
     kw = dict(add_generation_prompt=add_generation_prompt)
     assert ChatTemplate(builtin, **SPECIALS).render(messages, **kw) == ChatTemplate(TEMPLATES[vendor], **SPECIALS).render(messages, **kw)
 
