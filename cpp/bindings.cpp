@@ -193,7 +193,8 @@ PYBIND11_MODULE(_engine, m) {
         .def_readwrite("n_threads", &EngineParams::n_threads)
         .def_readwrite("prefix_reuse", &EngineParams::prefix_reuse)
         .def_readwrite("flash_attn", &EngineParams::flash_attn)
-        .def_readwrite("kv_f32", &EngineParams::kv_f32);
+        .def_readwrite("kv_f32", &EngineParams::kv_f32)
+        .def_readwrite("mixed_adapters", &EngineParams::mixed_adapters);
 
     py::class_<Request, std::shared_ptr<Request>>(m, "Request")
         .def_property_readonly("id", [](const Request& r) { return r.id; })
@@ -270,6 +271,8 @@ PYBIND11_MODULE(_engine, m) {
                  d["decode_ms"] = s.decode_ms;
                  d["adapter_switches"] = s.adapter_switches;
                  d["adapter_switch_ms"] = s.adapter_switch_ms;
+                 d["row_lora_steps"] = s.row_lora_steps;
+                 d["row_lora_ms"] = s.row_lora_ms;
                  d["closing_searches"] = s.closing_searches;
                  d["closing_checks"] = s.closing_checks;
                  d["closing_ms"] = s.closing_ms;

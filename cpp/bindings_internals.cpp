@@ -66,7 +66,7 @@ void check_seq(const KvCacheManager& kv, int seq) {
 void bind_internals(py::module_& parent) {
     py::module_ m = parent.def_submodule("_internals", "Scheduler, KV cache manager and text stream, for unit tests only");
 
-    m.def("make_request", [](uint64_t id, std::vector<llama_token> prompt, AdapterSet adapters, bool logits_all) {
+    m.def("make_request", [](uint64_t id, std::vector<llama_token> prompt, AdapterSet adapters, bool logits_all, bool per_row) {
               auto r = std::make_shared<Request>();
               r->id = id;
               r->prompt = std::move(prompt);
@@ -75,9 +75,11 @@ void bind_internals(py::module_& parent) {
               std::sort(adapters.begin(), adapters.end());
               r->adapters = adapters;
               r->key = adapter_key(r->adapters);
+              r->group = per_row ? std::string() : r->key;
               return r;
           }, py::arg("id"), py::arg("prompt"), py::arg("adapters") = AdapterSet{}, py::arg("logits_all") = false,
-          "A request as the engine's submit makes it (no sampler, no model).");
+          py::arg("per_row") = false,
+          "A request as the engine's submit makes it (no sampler, no model); per_row: its adapters are applied per row.");
     m.def("progress", [](const Request& r) {
               py::dict d;
               d["tokens"] = r.tokens;

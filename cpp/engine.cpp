@@ -78,10 +78,17 @@ Engine::Engine(std::shared_ptr<Model> model, const EngineParams& params)
         cp.type_k = GGML_TYPE_F32;
         cp.type_v = GGML_TYPE_F32;
     }
+    row_mode_ = params_.mixed_adapters;
+    if (row_mode_) {
+        cp.cb_eval = &RowLora::callback;
+        cp.cb_eval_user_data = &row_lora_;
+    }
     log_clear_errors();
     ctx_ = llama_init_from_model(model_->get(), cp);
     if (!ctx_) throw ModelLoadError("cannot create a llama.cpp context: " + log_last_errors());
     n_ctx_ = int(llama_n_ctx_seq(ctx_));
+    // Per-row LoRA maps a product's rows to the step's tokens: one micro-batch per decode.
+    if (llama_n_ubatch(ctx_) < llama_n_batch(ctx_)) row_mode_ = false;
     kv_ = std::make_unique<KvCacheManager>(std::make_shared<LlamaKvMemory>(llama_get_memory(ctx_)), n_seq_max_,
                                            params_.prefix_reuse, llama_model_n_swa(model_->get()));
     // llama.cpp caps n_batch at n_ctx; a step larger than its cap is a GGML_ASSERT.
@@ -216,6 +223,14 @@ std::shared_ptr<Request> Engine::submit(std::vector<llama_token> prompt, const S
                 throw InvalidRequestError("adapter " + std::to_string(r->adapters[i].first) + " named twice");
         }
         for (auto& [id, scale] : r->adapters) adapters_[id].users++;
+        bool per_row = row_mode_;
+        for (auto& [id, scale] : r->adapters) {
+            const auto& host = adapters_[id].host;
+            if (!host) per_row = false;
+            else r->host_adapters.emplace_back(host, scale);
+        }
+        if (!per_row) r->host_adapters.clear();
+        r->group = per_row ? std::string() : r->key;
         r->id = next_id_++;
         incoming_.push_back(r);
     }
@@ -239,9 +254,21 @@ uint64_t Engine::load_adapter(const std::string& path) {
             std::string why = log_last_errors();
             throw AdapterLoadError("cannot load LoRA adapter '" + path + "'" + (why.empty() ? "" : ": " + why));
         }
+        // The host copy for per-row application; an adapter it cannot hold (an embedding
+        // or output LoRA) is served per context, as without mixed_adapters.
+        std::shared_ptr<const HostLora> host;
+        if (row_mode_) {
+            try {
+                std::string why;
+                host = HostLora::load(path, &why);
+            } catch (...) {
+                llama_adapter_lora_free(a);
+                throw;
+            }
+        }
         std::lock_guard<std::mutex> lock(mu_);
         uint64_t id = next_adapter_id_++;
-        adapters_[id] = LoadedAdapter{a, path, 0, false};
+        adapters_[id] = LoadedAdapter{a, std::move(host), path, 0, false};
         return id;
     });
     std::future<uint64_t> done = task->get_future();
@@ -412,6 +439,9 @@ int Engine::execute(const StepPlan& plan) {
         stats_.adapter_switches++;
         stats_.adapter_switch_ms += double(now_us() - t_switch) / 1000.0;
     }
+    // Group "": rows under different adapters; the engine adds their LoRA terms.
+    std::vector<const HostAdapterSet*> token_rows, output_rows;
+    bool rows_adapted = false;
     batch_.n_tokens = 0;
     for (const ScheduledSlice& s : plan.slices) {
         Request* r = s.request;
@@ -425,6 +455,12 @@ int Engine::execute(const StepPlan& plan) {
             bool last = i == s.n_tokens - 1;
             bool want_prompt_logits = r->params.logits_all && pos < int(r->prompt.size());
             batch_.logits[j] = (last && s.sample) || want_prompt_logits;
+            if (row_mode_) {
+                const HostAdapterSet* set = r->host_adapters.empty() ? nullptr : &r->host_adapters;
+                rows_adapted = rows_adapted || set;
+                token_rows.push_back(set);
+                if (batch_.logits[j]) output_rows.push_back(set);
+            }
         }
     }
     int wanted = wanted_threads_.load();
@@ -433,14 +469,26 @@ int Engine::execute(const StepPlan& plan) {
         llama_set_n_threads(ctx_, threads, threads);
         applied_threads_.store(threads);
     }
+    if (rows_adapted) row_lora_.begin(token_rows, output_rows, threads);
     int64_t t0 = now_us();
+    const double row_ms0 = row_lora_.apply_ms();
     int ret = llama_decode(ctx_, batch_);
-    std::lock_guard<std::mutex> lock(stats_mu_);
-    stats_.decode_ms += double(now_us() - t0) / 1000.0;
-    if (ret == 0) {
-        stats_.steps++;
-        stats_.tokens_decoded += uint64_t(batch_.n_tokens);
+    const std::string row_error = rows_adapted ? row_lora_.error() : std::string();
+    row_lora_.end();
+    {
+        std::lock_guard<std::mutex> lock(stats_mu_);
+        stats_.decode_ms += double(now_us() - t0) / 1000.0;
+        if (ret == 0) {
+            stats_.steps++;
+            stats_.tokens_decoded += uint64_t(batch_.n_tokens);
+        }
+        if (rows_adapted) {
+            stats_.row_lora_steps++;
+            stats_.row_lora_ms += row_lora_.apply_ms() - row_ms0;
+        }
     }
+    // The rows' output misses LoRA terms: fail this step's requests (recover()), never serve it.
+    if (ret == 0 && !row_error.empty()) throw EngineError(row_error);
     return ret;
 }
 

@@ -26,6 +26,7 @@
 #include "kv_cache_manager.h"
 #include "model.h"
 #include "request.h"
+#include "row_lora.h"
 #include "scheduler.h"
 
 namespace mtllm {
@@ -48,6 +49,10 @@ struct EngineParams {
     bool prefix_reuse = true;  // the KV is always one unified buffer: shared prefixes cost no copy
     bool kv_f32 = false;       // float32 KV cache: 2x memory, batching-invariant to ~1e-5
     int flash_attn = 0;        // -1 auto, 0 off (exact batching, see engine.py), 1 on
+    // Adapters applied per batch row by the engine (row_lora.h), so requests under
+    // different adapters share every decode. Off: llama.cpp applies one adapter set
+    // per context and each set's requests get their own decodes (the GPU default).
+    bool mixed_adapters = true;
 };
 
 struct EngineStats {
@@ -65,6 +70,8 @@ struct EngineStats {
     double decode_ms = 0;
     uint64_t adapter_switches = 0;
     double adapter_switch_ms = 0;  // time in llama_set_adapters_lora
+    uint64_t row_lora_steps = 0;   // decodes whose rows got LoRA terms from the engine (mixed_adapters)
+    double row_lora_ms = 0;        // time adding those terms (inside decode_ms)
     uint64_t closing_searches = 0; // closing searches of finished constrained requests (Constraint::closing)
     uint64_t closing_checks = 0;   // tokens they validated
     double closing_ms = 0;         // time in them (at submit and on the scheduler thread)
@@ -161,6 +168,8 @@ private:
 
     // scheduler thread only
     std::string current_adapter_key_;  // adapter set on the context
+    bool row_mode_ = false;            // params_.mixed_adapters: row_lora_ is the context's eval callback
+    RowLora row_lora_;
     int failed_steps_ = 0;             // consecutive steps that ended in recover(); too many stop the engine
     bool busy_since_idle_ = false;     // served something since the engine was last idle
     std::vector<llama_token_data> candidates_;  // sample_candidate's buffer
@@ -169,6 +178,7 @@ private:
     // ends); the registry is under mu_
     struct LoadedAdapter {
         llama_adapter_lora* ptr;
+        std::shared_ptr<const HostLora> host;  // for per-row application; null: per context only
         std::string path;
         int users = 0;              // running/waiting requests naming it
         bool unload_pending = false;

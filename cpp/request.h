@@ -13,6 +13,7 @@
 
 #include "constraint.h"
 #include "llama.h"
+#include "row_lora.h"
 #include "text_stream.h"
 
 namespace mtllm {
@@ -65,6 +66,11 @@ struct Request {
     SamplingParams params;
     AdapterSet adapters;
     std::string key;                // adapter_key(adapters)
+    // Requests of one group share a decode: "" for the base model and for every request
+    // whose adapters the engine applies per row (host_adapters); else the key, and the
+    // group's adapters are set on the context (llama.cpp applies them to every row).
+    std::string group;
+    HostAdapterSet host_adapters;
     bool notify_engine = false;     // report in Engine::wait_ready (asyncio pump)
     std::unique_ptr<Constraint> constraint;  // grammar the output must follow, if any
     int64_t t_submit_us = 0;

@@ -32,10 +32,10 @@ StepPlan Scheduler::schedule() {
     StepPlan plan;
     std::set<std::string> keys;
     for (const auto& r : running_)
-        if (r->n_computed < int(r->tokens.size())) keys.insert(r->key);
+        if (r->n_computed < int(r->tokens.size())) keys.insert(r->group);
     if (keys.empty()) return plan;
 
-    // Round-robin over adapter groups: the first key after the one served last.
+    // Round-robin over groups: the first key after the one served last.
     auto it = served_any_ ? keys.upper_bound(last_key_) : keys.begin();
     if (it == keys.end()) it = keys.begin();
     plan.adapter_key = *it;
@@ -45,24 +45,24 @@ StepPlan Scheduler::schedule() {
     int budget = budget_;
     // Decode slices: one token for each request that is generating.
     for (const auto& r : running_) {
-        if (r->key != plan.adapter_key || budget == 0) continue;
+        if (r->group != plan.adapter_key || budget == 0) continue;
         int remaining = int(r->tokens.size()) - r->n_computed;
         if (remaining == 1) {
             plan.slices.push_back({r.get(), r->n_computed, 1, true});
-            plan.adapters = r->adapters;
             --budget;
         }
     }
     // Prompt slices, in admission order, as far as the budget goes.
     for (const auto& r : running_) {
-        if (r->key != plan.adapter_key || budget == 0) continue;
+        if (r->group != plan.adapter_key || budget == 0) continue;
         int remaining = int(r->tokens.size()) - r->n_computed;
         if (remaining <= 1) continue;
         int n = std::min(remaining, budget);
         plan.slices.push_back({r.get(), r->n_computed, n, n == remaining});
-        plan.adapters = r->adapters;
         budget -= n;
     }
+    // A group other than "" is one adapter set, which the engine sets on the context.
+    if (!plan.adapter_key.empty() && !plan.slices.empty()) plan.adapters = plan.slices.front().request->adapters;
     plan.n_tokens = budget_ - budget;
     return plan;
 }

@@ -5,11 +5,12 @@
 // KvCacheManager.
 //
 // Every running request has tokens known (prompt + generated) and tokens computed
-// (in the KV cache); a step gives each request of one adapter group a slice of its
+// (in the KV cache); a step gives each request of one group a slice of its
 // uncomputed tokens, decode tokens first so streaming stays smooth, then prompt
 // chunks up to the batch budget. One rule covers prefill, decode, chunked prompts
-// and prefix hits. LoRA adapters are per context, so a step serves one adapter
-// group; groups with work take turns.
+// and prefix hits. A group (Request::group) is the base model together with every
+// request whose adapters the engine applies per row (row_lora.h), or one adapter set
+// that llama.cpp applies to the whole context; groups with work take turns.
 #pragma once
 #include <deque>
 #include <memory>
@@ -30,8 +31,8 @@ struct ScheduledSlice {
 
 // One step's work: plain data, valid until the scheduler is next called.
 struct StepPlan {
-    std::string adapter_key;
-    AdapterSet adapters;
+    std::string adapter_key;  // the group served: "" = base and per-row adapters
+    AdapterSet adapters;      // the context's adapters for this step (empty for group "")
     std::vector<ScheduledSlice> slices;
     int n_tokens = 0;
     bool empty() const { return slices.empty(); }

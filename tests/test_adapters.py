@@ -1,5 +1,7 @@
 """LoRA adapters in the engine: numeric parity with a reference forward pass, prefix
-cache isolation between adapter sets, hot swap under load, and bad adapters."""
+cache isolation between adapter sets, hot swap under load, and bad adapters. Both ways
+of applying adapters are tested: per batch row by the engine (mixed_adapters, the CPU
+default: requests under different adapters share a decode) and per llama.cpp context."""
 
 import threading
 
@@ -37,12 +39,24 @@ def rel_err(got, ref):
     return float(np.abs(got - ref).max() / np.abs(ref).max())
 
 
-def test_lora_logits_match_reference_forward(model):
+def merged_lora(model, adapters):
+    """One LoRA equal to a set of them: ranks concatenated, each scale folded into its B."""
+    merged = {}
+    for key, scale in adapters:
+        _, lora, alpha_over_r = model[key]
+        for name, (a, b) in lora.items():
+            a0, b0 = merged.get(name, (np.zeros((0, a.shape[1]), np.float32), np.zeros((b.shape[0], 0), np.float32)))
+            merged[name] = (np.concatenate([a0, a]), np.concatenate([b0, b * scale * alpha_over_r], axis=1))
+    return merged
+
+
+@pytest.mark.parametrize("mixed", [True, False], ids=["per_row", "per_context"])
+def test_lora_logits_match_reference_forward(model, mixed):
     # flash_attn off and an f32 KV cache make llama.cpp compute in float32 throughout,
     # so the only error left is float32 rounding: measured ~2e-7 relative for the base
     # alone. The adapter path must be as exact (1e-5 leaves room for 30x that).
     W = model["weights"]
-    with Engine(model["base"], flash_attn=False, kv_f32=True) as eng:
+    with Engine(model["base"], flash_attn=False, kv_f32=True, mixed_adapters=mixed) as eng:
         ids = eng.tokenize(PROMPT)
         base = logits(eng, ids)
         ref_base = reference_logits(W, ids, CFG)
@@ -55,23 +69,103 @@ def test_lora_logits_match_reference_forward(model):
                 ref = reference_logits(W, ids, CFG, lora, scale * alpha_over_r)
                 assert np.abs(ref - ref_base).max() > 0.5  # the adapter really changes the output
                 assert rel_err(got, ref) < 1e-5, (key, scale)
+        st = eng.stats()
+        assert (st["row_lora_steps"] > 0, st["adapter_switches"] == 0) == (mixed, mixed)
 
 
-def test_two_adapters_at_once_add_up(model):
+@pytest.mark.parametrize("mixed", [True, False], ids=["per_row", "per_context"])
+def test_two_adapters_at_once_add_up(model, mixed):
     W = model["weights"]
-    with Engine(model["base"], flash_attn=False, kv_f32=True) as eng:
+    with Engine(model["base"], flash_attn=False, kv_f32=True, mixed_adapters=mixed) as eng:
         ids = eng.tokenize(PROMPT)
         ia, ib = eng.load_adapter(model["a"][0]), eng.load_adapter(model["b"][0])
         got = logits(eng, ids, [(ia, 1.0), (ib, 1.0)])
-    la, lb = model["a"][1], model["b"][1]
-    merged = {}
-    for name in la:
-        a1, b1 = la[name]
-        a2, b2 = lb[name]
-        # one LoRA of rank r1 + r2 whose scales are folded into B
-        merged[name] = (np.concatenate([a1, a2]), np.concatenate([b1 * model["a"][2], b2 * model["b"][2]], axis=1))
-    ref = reference_logits(W, ids, CFG, merged, 1.0)
+    ref = reference_logits(W, ids, CFG, merged_lora(model, [("a", 1.0), ("b", 1.0)]), 1.0)
     assert rel_err(got, ref) < 1e-5
+
+
+def test_one_decode_serves_rows_under_different_adapters_exactly(model):
+    # Five requests, each under another adapter set (one, another at 0.7, two at once,
+    # one at scale 2, none), different prompts, submitted together: each row gets its
+    # own LoRA terms, checked against the float64 reference of that request alone.
+    W = model["weights"]
+    sets = [[("a", 1.0)], [("b", 0.7)], [("a", 0.5), ("qk", 1.0)], [("qk", 2.0)], []]
+    prompts = [f"{PROMPT} number {i}" + " and more" * i for i in range(len(sets))]
+    with Engine(model["base"], flash_attn=False, kv_f32=True, prefix_reuse=False) as eng:
+        ids = {k: eng.load_adapter(model[k][0]) for k in ("a", "b", "qk")}
+        toks = [eng.tokenize(p) for p in prompts]
+        for _ in range(5):  # the scheduler thread starts on the first submit: it may decode that one alone
+            before = eng.stats()
+            reqs = [eng.submit(t, max_tokens=1, logits_all=True, adapters=[(ids[k], sc) for k, sc in s])
+                    for t, s in zip(toks, sets)]
+            for r in reqs:
+                r.result()
+            after = eng.stats()
+            if after["steps"] - before["steps"] <= 2:
+                break
+        # five prompts, one batch: at most two decodes, so one held at least three adapter sets
+        assert after["steps"] - before["steps"] <= 2, "the prompts were decoded apart"
+        assert after["row_lora_steps"] - before["row_lora_steps"] == after["steps"] - before["steps"]
+        assert after["adapter_switches"] == 0
+        for t, s, r in zip(toks, sets, reqs):
+            ref = reference_logits(W, t, CFG, merged_lora(model, s), 1.0)
+            assert rel_err(r.logits().astype(np.float64), ref) < 1e-5, s
+
+
+def _first_divergence_is_a_tie(eng, ids, got, want, adapters, tol=2e-3):
+    if got == want:
+        return True
+    k = next(i for i, (x, y) in enumerate(zip(got, want)) if x != y)
+    r = eng.submit(ids + want[:k], max_tokens=1, logits_all=True, adapters=adapters)
+    r.result()
+    top2 = np.sort(r.logits()[-1])[-2:]
+    return top2[1] - top2[0] < tol
+
+
+def test_mixed_adapter_requests_share_decodes_and_keep_their_tokens(model):
+    # 8 generating requests over 4 adapter sets: per row they advance together (about one
+    # decode per token), per context each set takes its own decodes (about four per token);
+    # both give the tokens each request gets alone.
+    prompts = [f"Ticket {i}: route item {i * 13} to the right queue" for i in range(8)]
+    out, steps = {}, {}
+    for mixed in (True, False):
+        with Engine(model["base"], flash_attn=False, kv_f32=True, mixed_adapters=mixed) as eng:
+            aids = [eng.load_adapter(model[k][0]) for k in ("a", "b", "qk")]
+            sets = [[], [(aids[0], 1.0)], [(aids[1], 0.7)], [(aids[2], 1.0)]]
+            alone = [eng.generate(p, max_tokens=24, ignore_eos=True, adapters=sets[i % 4]).token_ids
+                     for i, p in enumerate(prompts)]
+            s0 = eng.stats()["steps"]
+            reqs = [eng.submit(p, max_tokens=24, ignore_eos=True, adapters=sets[i % 4]) for i, p in enumerate(prompts)]
+            out[mixed] = [r.result().token_ids for r in reqs]
+            steps[mixed] = eng.stats()["steps"] - s0
+            for i, p in enumerate(prompts):
+                assert _first_divergence_is_a_tie(eng, eng.tokenize(p), out[mixed][i], alone[i], sets[i % 4]), (mixed, i)
+    assert len({tuple(t) for t in out[True]}) == 8
+    assert steps[True] < 40 and steps[False] > 80, steps  # 24 tokens each: ~25 decodes vs ~100
+
+
+def test_an_adapter_of_the_output_layer_is_served_per_context(model, tmp_path):
+    # The engine adds LoRA terms per row only to block matrices; an adapter with any other
+    # tensor (here the output layer) is set on the context instead, mixed mode or not.
+    r, E, V = 4, CFG.n_embd, model["weights"]["output.weight"].shape[0]
+    rng = np.random.default_rng(7)
+    _write(tmp_path / "out.gguf", alpha=4.0, tensors={
+        "output.weight.lora_a": (rng.standard_normal((r, E)) / np.sqrt(E)).astype(np.float32),
+        "output.weight.lora_b": rng.standard_normal((V, r)).astype(np.float32)})
+    got = {}
+    for mixed in (True, False):
+        with Engine(model["base"], flash_attn=False, kv_f32=True, mixed_adapters=mixed) as eng:
+            oid, aid = eng.load_adapter(str(tmp_path / "out.gguf")), eng.load_adapter(model["a"][0])
+            ids = eng.tokenize(PROMPT)
+            reqs = [eng.submit(ids, max_tokens=1, logits_all=True, adapters=s) for s in ([(oid, 1.0)], [(aid, 1.0)], [])]
+            got[mixed] = [(q.result(), q.logits().astype(np.float64))[1] for q in reqs]
+            st = eng.stats()
+            assert st["adapter_switches"] >= 1  # the output adapter went onto the context
+            if mixed:
+                assert st["row_lora_steps"] >= 1  # ... while the block adapter still went per row
+    assert np.abs(got[True][0] - got[True][2]).max() > 0.5  # the output adapter changes the logits
+    for g, w in zip(got[True], got[False]):
+        assert rel_err(g, w) < 1e-5
 
 
 def test_prefix_cache_never_crosses_adapter_sets(model):

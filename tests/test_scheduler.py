@@ -15,8 +15,8 @@ def make(n_seq=8, budget=16, max_running=4, prefix_reuse=True):
     return native.Scheduler(budget, max_running, kv), kv, memory
 
 
-def request(rid, prompt, adapters=(), logits_all=False):
-    return native.make_request(rid, list(prompt), list(adapters), logits_all)
+def request(rid, prompt, adapters=(), logits_all=False, per_row=False):
+    return native.make_request(rid, list(prompt), list(adapters), logits_all, per_row)
 
 
 def step(sched):
@@ -110,6 +110,25 @@ def test_a_step_serves_one_adapter_group_and_groups_take_turns():
         native.append_token(r, 0)
     assert [s[0] for s in step(sched)["slices"]] == [1]
     assert [s[0] for s in step(sched)["slices"]] == [2, 3]
+
+
+def test_per_row_adapters_share_the_base_group_and_context_adapters_keep_their_own():
+    sched, kv, _ = make(budget=16)
+    base = request(1, [1, 2])
+    rows = [request(2, [3, 4], [(5, 1.0)], per_row=True), request(3, [5, 6], [(6, 0.5)], per_row=True)]
+    ctx = request(4, [7, 8], [(7, 1.0)])  # an adapter the engine cannot apply per row
+    for r in (base, *rows, ctx):
+        sched.add(r)
+    sched.admit()
+    first = step(sched)
+    # one decode for the base and both per-row adapters; nothing set on the context
+    assert first["adapter_key"] == "" and first["adapters"] == [] and [s[0] for s in first["slices"]] == [1, 2, 3]
+    second = step(sched)
+    assert second["adapter_key"] == native.adapter_key([(7, 1.0)]) and second["adapters"] == [(7, 1.0)]
+    assert [s[0] for s in second["slices"]] == [4]
+    # the KV prefix key stays the adapter set: per-row requests never share KV with the base
+    assert [native.progress(r)["key"] for r in (base, *rows)] == ["", native.adapter_key([(5, 1.0)]),
+                                                               native.adapter_key([(6, 0.5)])]
 
 
 def test_a_group_without_work_is_skipped():

@@ -102,6 +102,7 @@ class EngineParams:
     prefix_reuse: bool
     flash_attn: int
     kv_f32: bool
+    mixed_adapters: bool
     def __init__(self) -> None: ...
 
 class Request:

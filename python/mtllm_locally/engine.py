@@ -158,6 +158,11 @@ class EngineConfig:
     # Gemma 3 270M Q4_K_M; with both on, a reused prefix moved the next logits by up to ~1).
     use_repack: bool = True
     fast_default: bool = True    # serve the embedded model as Q8_0 (see models.py)
+    # Requests under different adapters share each decode: the engine adds every row's
+    # LoRA term itself (cpp/row_lora.h). Off: one adapter set per decode, set on the
+    # llama.cpp context (each switch re-reserves its graph). None = on when the model
+    # runs on the CPU (n_gpu_layers == 0); a GPU would copy every adapted product out.
+    mixed_adapters: bool | None = None
 
     def __post_init__(self):
         for f in fields(self):
@@ -166,8 +171,9 @@ class EngineConfig:
                 raise InvalidRequestError(f"{f.name}={reprlib.repr(v)}: must be an int that fits in 32 bits")
             if f.type == "bool" and not isinstance(v, bool):
                 raise InvalidRequestError(f"{f.name}={reprlib.repr(v)}: must be True or False")
-        if self.flash_attn is not None and not isinstance(self.flash_attn, bool):
-            raise InvalidRequestError(f"flash_attn={reprlib.repr(self.flash_attn)}: must be True, False or None")
+        for name in ("flash_attn", "mixed_adapters"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise InvalidRequestError(f"{name}={reprlib.repr(getattr(self, name))}: must be True, False or None")
         if self.n_threads > MAX_THREADS:
             raise InvalidRequestError(f"n_threads={self.n_threads}: at most {MAX_THREADS} (twice this machine's cores)")
         if self.max_running + self.cache_sequences > _engine.max_parallel_sequences():
@@ -399,6 +405,7 @@ class Engine:
         for name in ("n_ctx", "n_batch", "max_running", "cache_sequences", "max_queued", "n_threads", "prefix_reuse", "kv_f32"):
             setattr(ep, name, getattr(config, name))
         ep.flash_attn = flash
+        ep.mixed_adapters = config.n_gpu_layers == 0 if config.mixed_adapters is None else config.mixed_adapters
         self._native = _engine.Engine(self._model, ep)
         self._max_prompt_chars = self._native.n_ctx * self._max_piece_bytes
         self._pump: _AsyncPump | None = None
