@@ -144,6 +144,30 @@ def test_mixed_adapter_requests_share_decodes_and_keep_their_tokens(model):
     assert steps[True] < 40 and steps[False] > 80, steps  # 24 tokens each: ~25 decodes vs ~100
 
 
+def test_a_float16_adapter_is_applied_per_row_in_float32(model, tmp_path):
+    # Adapters converted by llama.cpp's convert_lora_to_gguf are float16 by default. Per
+    # row the engine widens them to float32 once and multiplies float32 activations, so
+    # the result is the reference's on the float16 values to float32 rounding.
+    W, r, rng = model["weights"], 4, np.random.default_rng(11)
+    lora, tensors = {}, {}
+    for name, w in W.items():
+        if name.startswith("blk.") and name.split(".")[2] in ("attn_v", "ffn_up", "ffn_down"):
+            n_out, n_in = w.shape
+            a = (rng.standard_normal((r, n_in)) / np.sqrt(n_in)).astype(np.float16)
+            b = (rng.standard_normal((n_out, r)) * 0.5).astype(np.float16)
+            lora[name] = (a.astype(np.float32), b.astype(np.float32))
+            tensors[name + ".lora_a"], tensors[name + ".lora_b"] = a, b
+    _write(tmp_path / "f16.gguf", alpha=8.0, tensors=tensors)
+    with Engine(model["base"], flash_attn=False, kv_f32=True) as eng:
+        ids = eng.tokenize(PROMPT)
+        aid = eng.load_adapter(str(tmp_path / "f16.gguf"))
+        got = logits(eng, ids, [(aid, 1.0)])
+        assert eng.stats()["row_lora_steps"] >= 1
+    ref = reference_logits(W, ids, CFG, lora, 8.0 / r)
+    assert np.abs(ref - reference_logits(W, ids, CFG)).max() > 0.5
+    assert rel_err(got, ref) < 1e-5
+
+
 def test_an_adapter_of_the_output_layer_is_served_per_context(model, tmp_path):
     # The engine adds LoRA terms per row only to block matrices; an adapter with any other
     # tensor (here the output layer) is set on the context instead, mixed mode or not.

