@@ -112,6 +112,31 @@ def test_one_decode_serves_rows_under_different_adapters_exactly(model):
             assert rel_err(r.logits().astype(np.float64), ref) < 1e-5, s
 
 
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_per_row_terms_hold_for_chunked_prompts_and_any_thread_count(model, n_threads):
+    # n_batch 16: long prompts are cut into chunks that share decodes with other requests'
+    # chunks (rows of several requests and adapters in one product, each continuing KV an
+    # earlier decode wrote), and the LoRA terms run on 1 or 2 threads (the serial and the
+    # shared-team branch): every request still equals its reference. (Steps whose output
+    # rows are fewer than their tokens are the generation tests' prompt steps.)
+    W = model["weights"]
+    sets = [[("a", 1.0)], [], [("b", 0.7)], [("qk", 1.0), ("b", 1.0)]]
+    prompts = [" ".join([PROMPT] * (2 + i)) for i in range(len(sets))]
+    with Engine(model["base"], flash_attn=False, kv_f32=True, prefix_reuse=False, n_batch=16, max_running=4,
+                n_threads=n_threads) as eng:
+        ids = {k: eng.load_adapter(model[k][0]) for k in ("a", "b", "qk")}
+        toks = [eng.tokenize(p) for p in prompts]
+        assert min(len(t) for t in toks) > 16
+        reqs = [eng.submit(t, max_tokens=1, logits_all=True, adapters=[(ids[k], sc) for k, sc in s])
+                for t, s in zip(toks, sets)]
+        for r in reqs:
+            r.result()
+        assert eng.stats()["row_lora_steps"] >= 4
+    for t, s, r in zip(toks, sets, reqs):
+        ref = reference_logits(W, t, CFG, merged_lora(model, s), 1.0)
+        assert rel_err(r.logits().astype(np.float64), ref) < 1e-5, s
+
+
 def _first_divergence_is_a_tie(eng, ids, got, want, adapters, tol=2e-3):
     if got == want:
         return True
