@@ -127,3 +127,66 @@ def test_typed_shapes_that_ran_away_now_complete(tmp_path):
         json.loads(turn["output_text"])
         assert turn["completion_tokens"] <= MAX_BUDGET
         assert (turn["finish_reason"] == "length") == (turn["closed_by"] == "budget")
+
+
+LOOPBACK_ONLY = """\
+import socket
+_connect, _create, _getaddrinfo = socket.socket.connect, socket.create_connection, socket.getaddrinfo
+def _loopback(host):
+    if host not in ("127.0.0.1",):
+        raise OSError(f"network blocked by the test's guard: {host}")
+socket.socket.connect = lambda self, addr, *a: (_loopback(addr[0]) if isinstance(addr, tuple) else None, _connect(self, addr, *a))[1]
+socket.create_connection = lambda addr, *a, **k: (_loopback(addr[0]), _create(addr, *a, **k))[1]
+socket.getaddrinfo = lambda host, *a, **k: (_loopback(host), _getaddrinfo(host, *a, **k))[1]
+"""
+
+
+def test_the_same_program_is_served_by_vllm_by_configuration_only(tmp_path):
+    """jac.toml names a vLLM server: the unchanged program's calls go there (through LiteLLM's
+    hosted_vllm route), are captured as before, and feedback works; nothing else is reached."""
+    from vllm_fake import FakeVLLM
+
+    prog = tmp_path / "src.jac"
+    prog.write_text(textwrap.dedent("""
+        import from mtllm_locally { feedback }
+        enum Color { RED, GREEN, BLUE }
+        def color_of(thing: str) -> Color by llm();
+        with entry {
+            print(color_of("a ripe tomato"));
+            print(feedback(correct=True));
+        }
+    """))
+    byllm_model = '[plugins.byllm.model]\ndefault_model = "mtllm_locally/default"\n'
+    local = tmp_path / "local"
+    local.mkdir()
+    (local / "jac.toml").write_text(byllm_model)
+    proc = jac_run(prog, local)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    local_out = proc.stdout.splitlines()[0]
+    (call,) = Store(local / ".mtllm_locally" / "calls.sqlite3").calls()
+    answer = Store(local / ".mtllm_locally" / "calls.sqlite3").turns(call["invocation_id"])[0]["output_text"]
+
+    with FakeVLLM(base="smollm2-f32", answer=lambda model, body: answer) as fake:
+        remote = tmp_path / "remote"
+        remote.mkdir()
+        (remote / "jac.toml").write_text(byllm_model + f'[plugins.mtllm_locally.vllm]\nbase_url = "{fake.url}/v1"\n'
+                                         f'served_base = "smollm2-f32"\n')
+        guard = remote / "_loopback"
+        guard.mkdir()
+        (guard / "sitecustomize.py").write_text(LOOPBACK_ONLY)
+        shutil.copy(prog, remote / prog.name)
+        env = dict(os.environ, PYTHONPATH=str(guard), NO_PROXY="127.0.0.1")
+        env.pop("LITELLM_LOCAL_MODEL_COST_MAP", None)
+        proc = subprocess.run([str(JAC), "run", prog.name], cwd=remote, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.splitlines()[0] == local_out  # the server's answer (the same text) parsed as before
+        (chat,) = fake.chats("smollm2-f32")
+        assert chat["temperature"] == 0.0 and chat["response_format"]["type"] == "json_schema"
+        assert chat["messages"][-1]["content"] and "tomato" in json.dumps(chat["messages"])
+    store = Store(remote / ".mtllm_locally" / "calls.sqlite3")
+    (call,) = store.calls()
+    (turn,) = store.turns(call["invocation_id"])
+    assert (turn["model"], turn["source"], turn["output_text"]) == ("hosted_vllm/smollm2-f32", "model", answer)
+    assert call["accepted"] == 1 and store.feedback(call["invocation_id"])[0]["correct"] == 1
+    assert local_out.startswith("Color.")

@@ -6,6 +6,7 @@
     release [ADAPTER_ID] [--force]            clear a stuck training reservation
     export | plot                             adapters out; held-out accuracy per version
     export-hf [MODEL] OUT                     the served model as a Hugging Face directory (for vLLM)
+    vllm status|sync                          the vLLM servers promotions are pushed to
 """
 
 from __future__ import annotations
@@ -170,10 +171,28 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _deployer(registry, function: str | None):
+    """The task's vLLM deployer, or None when its policy names no server."""
+    from .state.policy import Policy
+    from .state.remote import Deployer
+
+    settings = Policy().for_task(function).remote
+    return Deployer(registry, settings) if settings.active else None
+
+
 def cmd_promote(args) -> int:
     from .state.registry import Registry
 
-    Registry(_store(args)).promote(args.adapter_id, note=f"manual promote at {time.ctime()}")
+    reg = Registry(_store(args))
+    v = reg.get(args.adapter_id)
+    deployer = _deployer(reg, v.config.get("function"))
+    if deployer is not None:  # loaded and listed before traffic moves; a person overrules the target gate
+        name = deployer.load(v)
+        print(f"{args.adapter_id} loaded on {deployer.key} as {name}")
+    if not reg.promote(args.adapter_id, note=f"manual promote at {time.ctime()}"):
+        return 1
+    if deployer is not None:
+        deployer.retire_others(v.task_key)
     print(f"{args.adapter_id} now serves its task")
     return 0
 
@@ -185,9 +204,44 @@ def cmd_rollback(args) -> int:
     store = _store(args)
     task = _resolve_task(store, args.task)
     base = models.fingerprint(_model_path(store, task, args.model))
-    now = Registry(store).rollback(task["task_key"], base, note=f"manual rollback at {time.ctime()}")
+    reg = Registry(store)
+    deployer = _deployer(reg, task["function"])
+    note = f"manual rollback at {time.ctime()}"
+    now = (deployer.rollback(task["task_key"], base, note=note) if deployer is not None
+           else reg.rollback(task["task_key"], base, note=note))
     print(f"{task['task_key']} is now served by {now or 'the base model'}")
     return 0
+
+
+def cmd_vllm(args) -> int:
+    """The vLLM servers the store's tasks are configured for: what each holds (status), or
+    make it hold what the registry says (sync: unload drained names, reload lost ones)."""
+    from .state.registry import Registry
+
+    store = _store(args)
+    reg = Registry(store)
+    deployers = {}
+    for t in store.tasks() + [{"function": None}]:
+        d = _deployer(reg, t["function"])
+        if d is not None:
+            deployers.setdefault(d.key, d)
+    if not deployers:
+        print("error: no vLLM server configured (jac.toml [plugins.mtllm_locally.vllm] base_url, or "
+              "MTLLM_LOCALLY_VLLM_URL)", file=sys.stderr)
+        return 2
+    out = []
+    for key, d in deployers.items():
+        entry = {"target": key, "adapters": [{k: r[k] for k in ("name", "adapter_id", "state", "retired_at", "error")}
+                                             for r in d.rows()]}
+        try:
+            if args.action == "sync":
+                entry["sync"] = d.reconcile(drain_s=0.0 if args.now else None)
+            entry["served"] = d.target.served_models()
+        except Exception as e:
+            entry["error"] = f"{type(e).__name__}: {e}"
+        out.append(entry)
+    _print(out, args.json)
+    return 0 if all("error" not in e for e in out) else 1
 
 
 def cmd_release(args) -> int:
@@ -308,6 +362,10 @@ def main(argv: list[str] | None = None) -> int:
     g = sub.add_parser("rollback", help="serve a task with what served it before")
     g.add_argument("task")
     g.set_defaults(fn=cmd_rollback)
+    g = sub.add_parser("vllm", help="the vLLM servers the tasks are pushed to: status, or sync them")
+    g.add_argument("action", choices=("status", "sync"))
+    g.add_argument("--now", action="store_true", help="sync: unload retired versions without waiting for drain_s")
+    g.set_defaults(fn=cmd_vllm)
     g = sub.add_parser("release", help="clear a training reservation whose process died or hangs")
     g.add_argument("adapter_id", nargs="?", default=None, help="default: the training reserved now")
     g.add_argument("--force", action="store_true", help="also one whose process is alive (it is asked to stop)")

@@ -11,8 +11,9 @@ is the mean over held-out examples.
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..demonstrations import Demonstration, with_demonstrations
 from ..engine import Engine
@@ -69,20 +70,59 @@ def evaluate(engine: Engine, examples: Sequence[Example], adapters: Sequence[tup
     reqs = []
     for ex in examples:
         kw: dict[str, Any] = {"messages": with_demonstrations(ex.messages, demonstrations, ex.tools),
-                              "temperature": 0.0, "adapters": list(adapters),
-                              "max_tokens": min(1024, len(engine.tokenize(ex.completion, add_special=False)) + 32)}
+                              "temperature": 0.0, "adapters": list(adapters), "max_tokens": answer_budget(engine, ex)}
         if ex.response_format:
             kw["response_format"] = ex.response_format
         if ex.tools:
             kw["tools"], kw["tool_choice"] = ex.tools, "required"
         reqs.append(engine.submit(**kw))
+    texts = []
+    for r in reqs:
+        try:
+            texts.append(r.result().text)
+        except MtllmError as e:  # e.g. a held-out prompt longer than this engine's context
+            texts.append(f"<error: {e}>")
+    return scored(texts, examples)
+
+
+def answer_budget(engine: Engine, ex: Example) -> int:
+    """The tokens an answer to `ex` may take: its label's length and some slack."""
+    return min(1024, len(engine.tokenize(ex.completion, add_special=False)) + 32)
+
+
+def evaluate_remote(complete: Callable[[dict], str], examples: Sequence[Example], max_tokens: Sequence[int],
+                    demonstrations: Sequence[Demonstration] = (), workers: int = 8) -> EvalResult:
+    """`evaluate` for a model served elsewhere (the target gate): `complete(kwargs)` makes one
+    OpenAI-style chat call and returns its text; the same messages, schema, greedy decoding
+    and budget as `evaluate`. A server that answers none of them raises (unreachable is not
+    a verdict on the adapter)."""
+    if not examples:
+        raise ValueError("nothing to evaluate")
+    errors: list[str] = []
+
+    def one(i: int) -> str:
+        ex = examples[i]
+        kw: dict[str, Any] = {"messages": with_demonstrations(ex.messages, demonstrations, ex.tools),
+                              "temperature": 0.0, "max_tokens": max_tokens[i]}
+        if ex.response_format:
+            kw["response_format"] = ex.response_format
+        try:
+            return complete(kw)
+        except Exception as e:
+            errors.append(f"{type(e).__name__}: {e}")
+            return f"<error: {e}>"
+
+    with ThreadPoolExecutor(max(1, min(workers, len(examples))), thread_name_prefix="mtllm-target-gate") as pool:
+        texts = list(pool.map(one, range(len(examples))))
+    if len(errors) == len(examples):
+        raise MtllmError(f"the server answered none of {len(examples)} calls; first error: {errors[0][:300]}")
+    return scored(texts, examples)
+
+
+def scored(texts: Sequence[str], examples: Sequence[Example]) -> EvalResult:
     preds, exact, fields = [], 0, 0.0
     per_field: dict[str, list[bool]] = {}
-    for r, ex in zip(reqs, examples):
-        try:
-            text = r.result().text
-        except MtllmError as e:  # e.g. a held-out prompt longer than this engine's context
-            text = f"<error: {e}>"
+    for text, ex in zip(texts, examples):
         ok, f = field_score(text, ex.completion)
         preds.append(text)
         exact += ok
@@ -92,6 +132,11 @@ def evaluate(engine: Engine, examples: Sequence[Example], adapters: Sequence[tup
     by_field = {k: sum(v) / len(v) for k, v in per_field.items()} if len(per_field) > 1 else None
     return EvalResult(score=fields / len(examples), exact=exact / len(examples), n=len(examples), predictions=preds,
                       fields=by_field)
+
+
+def agreement(a: EvalResult, b: EvalResult) -> float:
+    """The fraction of examples on which two models gave the same value."""
+    return sum(field_score(x, y)[0] for x, y in zip(a.predictions, b.predictions)) / max(1, a.n)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from .dataset import split, task_examples
 from ..state.files import private_dir, private_open
 from ..state.policy import Policy, TaskPolicy
 from ..state.registry import AdapterVersion, Registry, RegistryError
+from ..state.remote import Deployer
 from ..state.store import Store
 from ..state.task import task_dirname
 
@@ -158,6 +159,9 @@ def _urgency(registry: Registry, ref: TaskRef, d: Due) -> tuple:
     return (bool(trained), d.kind != "demonstrations", max(serving, default=0.0))
 
 
+RECONCILE_S = 60.0  # how often the serving process checks its vLLM servers against the registry
+
+
 class Learner:
     """The trigger, in a daemon thread of the serving process."""
 
@@ -217,10 +221,32 @@ class Learner:
                 log.warning("learning loop: %s: %s", type(e).__name__, e)
         return started
 
+    def reconcile_servers(self) -> dict[str, dict]:
+        """The vLLM servers the known tasks name: unload drained names, reload forgotten ones
+        (state/remote.py). Only servers configured for a task are contacted."""
+        with self._lock:
+            refs = list(self._tasks.values())
+        settings = {}
+        for ref in refs:
+            s = self.policy.for_task(ref.function).remote
+            if s.active:
+                settings.setdefault(s.base_url, s)
+        done = {}
+        for url, s in settings.items():
+            try:
+                done[url] = Deployer(self.registry, s).reconcile()
+            except Exception as e:  # a server down now is retried at the next pass
+                log.info("vLLM at %s not reconciled: %s: %s", url, type(e).__name__, e)
+        return done
+
     def _run(self) -> None:
+        last_reconcile = 0.0
         while not self._stopped.is_set():
             self._wake.wait(self.poll_s)
             time.sleep(0.5)  # let byllm's verdict on the call land first
             self._wake.clear()
             if not self._stopped.is_set():
                 self.check_now()
+            if not self._stopped.is_set() and time.monotonic() - last_reconcile >= RECONCILE_S:
+                last_reconcile = time.monotonic()
+                self.reconcile_servers()

@@ -35,6 +35,7 @@ from ..state.policy import TaskPolicy
 from ..state.registry import HEARTBEAT_S, AdapterVersion, Registry, RegistryError
 from ..state.store import Store
 from .dataset import snapshot, split, task_examples
+from . import target_gate
 from .demonstrations import as_demonstrations, choose
 
 
@@ -142,7 +143,7 @@ WARM_START = MappingProxyType({"min_steps": 40, "epochs": 2})
 
 def run_job(store: Store, adapter_id: str, *, progress: bool = False, log=print) -> AdapterVersion:
     from .. import Engine
-    from .gate import evaluate, judge
+    from .gate import answer_budget, evaluate, judge
     from .trainer import TrainingCancelled
 
     registry = Registry(store)
@@ -207,6 +208,7 @@ def run_job(store: Store, adapter_id: str, *, progress: bool = False, log=print)
             base_adapters = [(eng.load_adapter(deployed.gguf_path), 1.0)] if deployed and deployed.serves_adapter \
                 else []
             baseline = evaluate(eng, judged, base_adapters, base_shown)
+            budgets = [answer_budget(eng, ex) for ex in judged]  # the target gate's, the same as here
             trained = [(eng.load_adapter(v.gguf_path), 1.0)] if v.kind == "training" else None
             results = {}
             if trained:
@@ -226,14 +228,31 @@ def run_job(store: Store, adapter_id: str, *, progress: bool = False, log=print)
                    "serves": {"adapter": "adapter" in best, "demonstrations": "demonstrations" in best},
                    "variant": best, "variants": {k: r.as_dict() for k, r in results.items()},
                    "judged_on": "held-out" if judged is heldout else "held-out + unshown training examples"}
-        registry.finish(adapter_id, "passed" if verdict.passed else "rejected", metrics=metrics)
+        passed, promote = verdict.passed, verdict.passed and policy.auto_promote
         log(f"{adapter_id}: gate {'passed' if verdict.passed else 'rejected'} ({best}): {verdict.reason}")
-        if verdict.passed and policy.auto_promote:
+        remote = None
+        if promote and policy.remote.active:  # traffic may only move once the server judged it too
+            remote = target_gate.push(registry, v, metrics["serves"], policy, judged, budgets, shown, results[best],
+                                      baseline, log)
+            metrics["remote"] = remote
+            if remote["state"] == "rejected":
+                passed = promote = False
+                metrics["passed"], metrics["reason"] = False, f"target gate: {remote['reason']}"
+            elif remote["state"] == "unavailable" and policy.remote.required:
+                promote = False
+        registry.finish(adapter_id, "passed" if passed else "rejected", metrics=metrics)
+        if promote:
             if registry.promote(adapter_id, expect=deployed.adapter_id if deployed else None,
                                 note=f"gate: {verdict.reason}"):
-                log(f"{adapter_id}: promoted")
+                log(f"{adapter_id}: promoted" + (f", served by {remote['target']} as {remote['name']}"
+                                                 if remote and remote["state"] == "served" else ""))
             else:
                 log(f"{adapter_id}: not promoted: the deployed version changed while it was judged")
+            if remote and remote.get("target"):
+                _retire_quietly(registry, policy, v.task_key, log)
+        elif remote and remote["state"] != "rejected":
+            log(f"{adapter_id}: passed, not promoted: the vLLM server could not take it ({remote['reason']}); "
+                f"`mtllm-locally promote {adapter_id}` retries")
         return registry.get(adapter_id)
     except TrainingCancelled as e:
         registry.finish(adapter_id, "cancelled", error=str(e))
@@ -245,6 +264,17 @@ def run_job(store: Store, adapter_id: str, *, progress: bool = False, log=print)
         done.set()
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _retire_quietly(registry: Registry, policy, task_key: str, log) -> None:
+    """The task's other names on the server drain and are unloaded (by reconcile, here or in
+    the serving process): the promotion already happened, so a failure here only delays that."""
+    from ..state.remote import Deployer
+
+    try:
+        Deployer(registry, policy.remote).retire_others(task_key)
+    except Exception as e:
+        log(f"{task_key}: old versions on the vLLM server not retired yet: {e}")
 
 
 def _heartbeat(registry: Registry, adapter_id: str, cancel: threading.Event, done: threading.Event) -> None:

@@ -130,7 +130,9 @@ def to_model_response(response: ModelResponse, model: str, answer: Answer) -> Mo
                            total_tokens=answer.prompt_tokens + answer.completion_tokens)
     response._hidden_params["mtllm_locally"] = {"temperature": answer.temperature,
                                                 "cached_tokens": answer.cached_tokens, "timings": answer.timings,
-                                                "closed_by": answer.choices[0].closed_by}
+                                                "closed_by": answer.choices[0].closed_by,
+                                                "served_by": answer.served_by or "in process",
+                                                "adapter": answer.adapter}
     return response
 
 

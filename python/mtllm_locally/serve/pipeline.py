@@ -25,11 +25,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, AsyncIterator, Iterator
 
+import litellm
+
 from ..demonstrations import with_demonstrations
 from ..engine import Completion, Engine, Request
 from ..errors import InvalidRequestError
 from ..state.task import task_key
-from . import react_guard, teacher, typed_calls
+from . import react_guard, remote_calls, teacher, typed_calls
+from .remote_calls import RemoteReply, RemoteStreamBroken, StreamedReply
 from .router import BASE, Route
 
 if TYPE_CHECKING:
@@ -71,6 +74,7 @@ class Answer:
     invocation_id: str | None           # the captured call (None: capture off or suppressed)
     timings: dict = field(default_factory=dict)
     teacher_response: Any = None        # the teacher's own LiteLLM response, returned as it is
+    served_by: str | None = None        # a vLLM server's model ("hosted_vllm/<name>"); None: this process
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,12 @@ class Teach:            # the teacher answers, the student left running in shado
 
 
 @dataclass(frozen=True)
+class Remote:           # the call's vLLM server answers choice 0, streamed unless not `stream` -> RemoteReply
+    call: Call
+    stream: bool
+
+
+@dataclass(frozen=True)
 class Emit:             # hand an event to the caller
     event: TextDelta | Answer
 
@@ -172,9 +182,20 @@ class CallPipeline:
             if stream and answer.choices[0].text and not call.tools:
                 yield Emit(TextDelta(answer.choices[0].text))
         else:
-            # a tool call is sent whole at the end, so its text is held back
-            completions = yield (Stream(call, hold=bool(call.tools)) if stream else Generate(call))
-            answer = yield Blocking(self._served, (call, completions))
+            reply = None
+            if call.route.remote is not None:
+                try:
+                    reply = yield Remote(call, stream)
+                except RemoteStreamBroken:
+                    raise
+                except Exception as e:  # the server's failure is never the call's: answer in process
+                    self.runtime.servers.failed(call.route.remote.target, e)
+            if reply is not None:
+                answer = yield Blocking(self._remote_served, (call, reply))
+            else:
+                # a tool call is sent whole at the end, so its text is held back
+                completions = yield (Stream(call, hold=bool(call.tools)) if stream else Generate(call))
+                answer = yield Blocking(self._served, (call, completions))
         yield Emit(answer)
 
     def prepare(self, request: CallRequest) -> Call:
@@ -204,7 +225,10 @@ class CallPipeline:
         engine = rt.engines.get(request.model)
         key = task_key(function, request.messages, request.response_format, request.tools)
         route = rt.route(engine, key) if function else BASE
-        return Call(request, function, key, engine, route, temperature, tool_choice, sampling, attempt)
+        call = Call(request, function, key, engine, route, temperature, tool_choice, sampling, attempt)
+        if function and not remote_calls.stays_local(call):
+            call.route = rt.remote_route(engine, key, function, route)
+        return call
 
     def _served(self, call: Call, completions: list[Completion]) -> Answer:
         choices = [_choice(c, call.tools) for c in completions]
@@ -215,6 +239,15 @@ class CallPipeline:
                       completion_tokens=sum(c.completion_tokens for c in completions),
                       cached_tokens=first.cached_tokens, temperature=call.temperature, source="model",
                       adapter=call.route.adapter_id, invocation_id=inv, timings=first.timings)
+
+    def _remote_served(self, call: Call, reply: RemoteReply) -> Answer:
+        choice = Choice(reply.text, None, reply.finish_reason)
+        inv = self._capture(call, choice, source="model", prompt_tokens=reply.prompt_tokens,
+                            completion_tokens=reply.completion_tokens, cached_tokens=reply.cached_tokens,
+                            model=call.route.remote.model)
+        return Answer(choices=[choice], prompt_tokens=reply.prompt_tokens, completion_tokens=reply.completion_tokens,
+                      cached_tokens=reply.cached_tokens, temperature=call.temperature, source="model",
+                      adapter=call.route.adapter_id, invocation_id=inv, served_by=call.route.remote.model)
 
     def _taught(self, call: Call, policy, response, shadow: Request | None) -> Answer:
         try:
@@ -301,6 +334,20 @@ class CallPipeline:
                         _cancel_unfinished([req])
                 elif isinstance(step, Teach):
                     result = self._teach(step.call, step.policy)
+                elif isinstance(step, Remote):
+                    kw = remote_calls.request_kwargs(step.call, step.stream)
+                    if not step.stream:
+                        result = remote_calls.reply_of(litellm.completion(**kw))
+                    else:
+                        streamed = StreamedReply()
+                        try:
+                            chunks = litellm.completion(**kw)
+                            for chunk in chunks:
+                                if text := streamed.add(chunk):
+                                    yield TextDelta(text)
+                            result = streamed.reply(chunks)
+                        except Exception as e:
+                            raise _broken(e) if any(streamed.parts) else e
             except Exception as e:  # back into the core, at the step that failed
                 error = e
 
@@ -351,6 +398,20 @@ class CallPipeline:
                         result = [req.completion()]
                 elif isinstance(step, Teach):
                     result = await self._ateach(step.call, step.policy)
+                elif isinstance(step, Remote):
+                    kw = remote_calls.request_kwargs(step.call, step.stream)
+                    if not step.stream:
+                        result = remote_calls.reply_of(await litellm.acompletion(**kw))
+                    else:
+                        streamed = StreamedReply()
+                        try:
+                            chunks = await litellm.acompletion(**kw)
+                            async for chunk in chunks:
+                                if text := streamed.add(chunk):
+                                    yield TextDelta(text)
+                            result = streamed.reply(chunks)
+                        except Exception as e:
+                            raise _broken(e) if any(streamed.parts) else e
             except Exception as e:
                 error = e
 
@@ -375,6 +436,10 @@ def _advance(core, result: Any, error: Exception | None):
         return core.throw(error) if error is not None else core.send(result)
     except StopIteration:
         return None
+
+
+def _broken(e: Exception) -> RemoteStreamBroken:
+    return RemoteStreamBroken(f"the vLLM server failed in the middle of a streamed answer: {type(e).__name__}: {e}")
 
 
 def _answer_of(events: Iterator[TextDelta | Answer]) -> Answer:

@@ -19,7 +19,9 @@ from .. import demonstrations, models
 from ..demonstrations import Demonstration
 from ..engine import Engine
 from ..state.registry import AdapterVersion, Registry
+from ..state.remote import loaded_names
 from ..state.store import Store
+from .remote_calls import Remote
 
 log = logging.getLogger("mtllm_locally.deploy")
 
@@ -30,6 +32,7 @@ class Route:
     adapters: tuple = ()            # for Engine.submit(adapters=...)
     score: float | None = None      # the deployed version's held-out score (None: no adapter)
     demonstrations: tuple[Demonstration, ...] = ()  # shown before the call (see demonstrations.py)
+    remote: Remote | None = None    # a vLLM server serves the call (remote_calls.py); `adapters` are the fallback
 
 
 BASE = Route(None)
@@ -40,6 +43,7 @@ class Router:
         self._lock = threading.Lock()
         self._stamp = None
         self._serving: dict[tuple[str, str], AdapterVersion] = {}
+        self.remote_names: dict[tuple[str, str], str] = {}  # (server, adapter_id) -> its name there
         self.training_threads = 0   # cores the trainings running on the store hold
         # engine -> adapter_id -> native adapter id; an engine that is gone drops out
         self._loaded: weakref.WeakKeyDictionary[Engine, dict[str, int]] = weakref.WeakKeyDictionary()
@@ -60,9 +64,14 @@ class Router:
                 return False
             registry = Registry(store)
             self._serving = registry.serving()
+            self.remote_names = loaded_names(registry)
             self.training_threads = sum(v.training_threads for v in registry.trainings())
             self._stamp = stamp
             return True
+
+    def deployed(self, engine: Engine, task_key: str) -> AdapterVersion | None:
+        with self._lock:
+            return self._serving.get((task_key, self.base_of(engine)))
 
     def route(self, engine: Engine, task_key: str) -> Route:
         with self._lock:

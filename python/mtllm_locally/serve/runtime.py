@@ -25,6 +25,7 @@ from ..engine import Engine, EngineConfig, Request
 from ..state.policy import Policy
 from ..state.store import Store
 from .engines import EnginePool
+from .remote_calls import ServerHealth, remote_for
 from .router import BASE, Route, Router
 from .shadows import Shadows
 
@@ -69,6 +70,7 @@ class Runtime:
         self.policy = policy or Policy()
         self.engines = EnginePool(engine_config)
         self.router = Router()
+        self.servers = ServerHealth()  # vLLM servers that failed a call lately (remote_calls.py)
         # Per context: the last call captured (what feedback() refers to by default), and
         # whether capture is suppressed (a teacher answering through this very provider).
         self.last_invocation: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -131,6 +133,23 @@ class Runtime:
         except Exception as e:  # the deployed pointer cannot be read: the base model still answers
             log.warning("routing %s failed (serving the base model): %s: %s", task_key, type(e).__name__, e)
             return BASE
+
+    def remote_route(self, engine: Engine, task_key: str, function: str, route: Route) -> Route:
+        """`route` with the vLLM server that serves the task's deployed version, if the task's
+        policy names one and the version is loaded there; else `route` unchanged (in process)."""
+        try:
+            settings = self.policy.for_task(function).remote
+            if not settings.active:
+                return route
+            v = self.router.deployed(engine, task_key)
+            if (v.adapter_id if v else None) != route.adapter_id:
+                return route  # the version cannot be served here as deployed (see Router.route)
+            remote = remote_for(settings, route.adapter_id, bool(v and v.serves_adapter), self.router.remote_names,
+                                self.servers)
+        except Exception as e:  # never the call's failure: it is served in process
+            log.warning("vLLM routing for %s failed (serving in process): %s: %s", task_key, type(e).__name__, e)
+            return route
+        return dataclasses.replace(route, remote=remote) if remote else route
 
     def attempt_of(self, invocation_id: str | None) -> int:
         """1 for a call's first answer; n when byllm already had n - 1 final answers to it."""

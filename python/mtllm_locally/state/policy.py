@@ -2,8 +2,10 @@
 
 Sources, later wins: defaults below < jac.toml `[plugins.mtllm_locally]` (and
 `[plugins.mtllm_locally.tasks.<function>]`) < environment (`MTLLM_LOCALLY_TEACHER`,
-`MTLLM_LOCALLY_LEARN=0`) < `mtllm_locally.configure_learning(...)` in Python.
-Shared by both loops: serve reads the teacher settings, learn the rest.
+`MTLLM_LOCALLY_LEARN=0`, `MTLLM_LOCALLY_VLLM_URL`, `MTLLM_LOCALLY_VLLM=0`) <
+`mtllm_locally.configure_learning(...)` in Python. The nested tables (`train`, `vllm`) merge
+key by key: a task's `[...tasks.<function>.vllm]` changes only the keys it names.
+Shared by both loops: serve reads the teacher and vLLM routing settings, learn the rest.
 """
 
 from __future__ import annotations
@@ -16,6 +18,40 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InvalidRequestError
+
+
+@dataclass(frozen=True)
+class VLLMSettings:
+    """A vLLM server that serves the task's promoted versions (scale-out; README "Scaling out").
+    Off until `base_url` is set. The API key is never stored: `api_key_env` names the variable."""
+    base_url: str | None = None     # http(s)://host:port of the OpenAI-compatible server
+    enabled: bool = True            # false: neither push nor route (a task opting out of the global table)
+    route: bool = True              # false: promotions are pushed, calls stay in process
+    served_base: str | None = None  # the model id vLLM serves the base under (`mtllm-locally export-hf`)
+    server_adapter_dir: str | None = None  # where the server sees <store>/adapters (vLLM loads by path)
+    api_key_env: str | None = None  # the NAME of the environment variable holding the key
+    gate: bool = True               # judge the pushed adapter on the server before traffic moves
+    max_drop: float = 0.0           # the server's score may trail the local candidate's by this much
+    drain_s: float = 60.0           # an old version stays loaded this long after traffic left it
+    timeout_s: float = 60.0         # one call's limit on the server, then it is served in process
+    required: bool = True           # server unreachable at promotion: do not promote (false: promote locally)
+
+    def __post_init__(self):
+        if self.max_drop < 0 or self.drain_s < 0 or self.timeout_s <= 0:
+            raise InvalidRequestError(f"bad vllm settings: {self}")
+        if self.base_url is not None:
+            from .vllm_target import VLLMTarget
+            VLLMTarget(self.base_url)  # refuses a malformed URL now, not at the first promotion
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and bool(self.base_url)
+
+    def api_key(self) -> str | None:
+        return os.environ.get(self.api_key_env) if self.api_key_env else None
+
+
+_VLLM_KEYS = frozenset(f.name for f in fields(VLLMSettings))
 
 
 @dataclass(frozen=True)
@@ -41,16 +77,26 @@ class TaskPolicy:
     teacher_until: float = 0.9      # the teacher answers until a deployed adapter scores this on held-out
     shadow: bool = True             # with a teacher answering, also run the student on the same input
     train: dict = field(default_factory=dict)  # TrainConfig overrides
+    vllm: dict = field(default_factory=dict)   # VLLMSettings (as a plain table: it is snapshotted as JSON)
 
     def __post_init__(self):
+        unknown = set(self.vllm) - _VLLM_KEYS
+        if unknown:
+            raise InvalidRequestError(f"unknown vllm settings: {sorted(unknown)}; known: {sorted(_VLLM_KEYS)}")
+        VLLMSettings(**self.vllm)
         if self.train_on not in ("labelled", "accepted"):
             raise InvalidRequestError(f"train_on must be 'labelled' or 'accepted', not {self.train_on!r}")
         if not 0 < self.heldout_percent < 100 or self.min_new_examples < 2 or self.threads < 0 \
                 or self.demonstrations < 0:
             raise InvalidRequestError(f"bad learning policy: {self}")
 
+    @property
+    def remote(self) -> VLLMSettings:
+        return VLLMSettings(**self.vllm)
+
 
 _KEYS = frozenset(f.name for f in fields(TaskPolicy))
+_NESTED = ("train", "vllm")  # tables merged key by key across global, task and configure()
 
 
 def _check(kw: dict, where: str) -> dict:
@@ -97,6 +143,10 @@ class Policy:
             self._global["teacher"] = os.environ["MTLLM_LOCALLY_TEACHER"]
         if os.environ.get("MTLLM_LOCALLY_LEARN") == "0":
             self._global["learn"] = False
+        if os.environ.get("MTLLM_LOCALLY_VLLM_URL"):
+            self._global["vllm"] = {**self._global.get("vllm", {}), "base_url": os.environ["MTLLM_LOCALLY_VLLM_URL"]}
+        if os.environ.get("MTLLM_LOCALLY_VLLM") == "0":
+            self._global["vllm"] = {**self._global.get("vllm", {}), "enabled": False}
         self._loaded = True
 
     def configure(self, function: str | None = None, **settings) -> None:
@@ -126,10 +176,13 @@ class Policy:
             return self._resolve(function)
 
     def _resolve(self, function: str | None) -> TaskPolicy:
-        kw = dict(self._global)
+        layers = [self._global]
         if function is not None:
-            kw.update(self._tasks.get(function, {}))
-            kw.update(self._tasks.get(function.rsplit(".", 1)[-1], {}))
+            layers += [self._tasks.get(function, {}), self._tasks.get(function.rsplit(".", 1)[-1], {})]
+        kw: dict[str, Any] = {}
+        for layer in layers:
+            for k, v in layer.items():
+                kw[k] = {**kw.get(k, {}), **v} if k in _NESTED and isinstance(v, dict) else v
         return replace(TaskPolicy(), **kw)
 
     def describe(self, function: str | None) -> dict:

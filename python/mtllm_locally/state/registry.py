@@ -442,23 +442,31 @@ class Registry:
                        "VALUES (?,?,?,?,?,?,?)", (v.task_key, v.base, "promote", adapter_id, current, time.time(), note))
         return True
 
+    def rollback_target(self, task_key: str, base: str) -> str | None:
+        """What `rollback` would serve the task with now (None: the base model)."""
+        with self.store.transaction() as db:
+            return _rollback_pair(db, task_key, base)[1]
+
     def rollback(self, task_key: str, base: str, *, note: str = "") -> str | None:
         """Serve the task with what served it before the current version was promoted
         (an earlier adapter, or the base model). Returns the version now serving."""
         with self.store.transaction() as db:
-            row = db.execute("SELECT adapter_id FROM deployments WHERE task_key=? AND base=?",
-                             (task_key, base)).fetchone()
-            current = row[0] if row else None
-            if current is None:
-                raise RegistryError(f"{task_key}: the base model already serves it; nothing to roll back")
-            prev = db.execute("SELECT previous FROM deploy_log WHERE task_key=? AND base=? AND action='promote' "
-                              "AND adapter_id=? ORDER BY id DESC LIMIT 1", (task_key, base, current)).fetchone()
-            target = prev[0] if prev else None
+            current, target = _rollback_pair(db, task_key, base)
             db.execute("UPDATE deployments SET adapter_id=?, updated_at=? WHERE task_key=? AND base=?",
                        (target, time.time(), task_key, base))
             db.execute("INSERT INTO deploy_log (task_key, base, action, adapter_id, previous, created_at, note) "
                        "VALUES (?,?,?,?,?,?,?)", (task_key, base, "rollback", target, current, time.time(), note))
         return target
+
+
+def _rollback_pair(db, task_key: str, base: str) -> tuple[str, str | None]:
+    row = db.execute("SELECT adapter_id FROM deployments WHERE task_key=? AND base=?", (task_key, base)).fetchone()
+    current = row[0] if row else None
+    if current is None:
+        raise RegistryError(f"{task_key}: the base model already serves it; nothing to roll back")
+    prev = db.execute("SELECT previous FROM deploy_log WHERE task_key=? AND base=? AND action='promote' "
+                      "AND adapter_id=? ORDER BY id DESC LIMIT 1", (task_key, base, current)).fetchone()
+    return current, prev[0] if prev else None
 
 
 def _fsync_tree(d: Path) -> None:

@@ -139,6 +139,26 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE turns ADD COLUMN attempt INTEGER DEFAULT 1;
     ALTER TABLE turns ADD COLUMN closed_by TEXT;
     """,
+    # v5: scale-out. The adapter versions loaded into vLLM servers under which names. A row is
+    # written before the server is asked ('loading': an intent, so a crash leaves a trace to
+    # clean up), 'loaded' once the server lists the name; calls route to a name only while its
+    # version is the task's deployed one (deployments stays the single source of truth).
+    """
+    CREATE TABLE remote_adapters (
+        target          TEXT NOT NULL,      -- the server's base URL
+        name            TEXT NOT NULL,      -- the model name requests use
+        task_key        TEXT NOT NULL,
+        adapter_id      TEXT NOT NULL,
+        state           TEXT NOT NULL,      -- loading | loaded | unloaded | failed
+        pid             INTEGER,            -- who is loading it
+        retired_at      REAL,               -- traffic left it (unloaded once drained)
+        updated_at      REAL NOT NULL,
+        gate_json       TEXT,               -- the target gate's result
+        error           TEXT,
+        PRIMARY KEY (target, name)
+    );
+    CREATE INDEX remote_adapters_version ON remote_adapters(adapter_id);
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
