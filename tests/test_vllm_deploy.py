@@ -313,3 +313,19 @@ def test_the_loop_promotes_only_what_the_server_took(tmp_path, fake, tiny_model_
         v2 = reg.get(v2.adapter_id)
         assert proc.returncode == 0 and v2.status == "passed" and v2.metrics["remote"]["state"] == "unavailable"
         assert reg.deployed("classify:t", models.fingerprint(tiny_model_path)).adapter_id == v.adapter_id
+
+
+def test_a_teacher_still_answers_while_the_student_is_not_good_enough(tmp_path, fake, tiny):
+    """Teacher mode is unchanged by a server: the teacher answers and is captured as the
+    label, the student runs in shadow in process, and nothing is sent to the server."""
+    from loop_helpers import register_oracle
+
+    register_oracle()
+    path = tiny[0]
+    rt, v, name = routed_runtime(tmp_path, fake, tiny)
+    with rt:
+        rt.policy.configure("classify", teacher="oracle/x", teacher_until=0.99)
+        ans = rt.calls.complete(call(path, "inv-teach"))
+        assert ans.source == "teacher:oracle/x" and ans.served_by is None
+        assert ans.choices[0].text == answer_for(MSGS) and fake.chats() == []
+        assert rt.store().turns("inv-teach")[0]["source"] == "teacher:oracle/x"

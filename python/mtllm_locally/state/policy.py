@@ -40,8 +40,8 @@ class VLLMSettings:
         if self.max_drop < 0 or self.drain_s < 0 or self.timeout_s <= 0:
             raise InvalidRequestError(f"bad vllm settings: {self}")
         if self.base_url is not None:
-            from .vllm_target import VLLMTarget
-            VLLMTarget(self.base_url)  # refuses a malformed URL now, not at the first promotion
+            from .vllm_target import server_root
+            server_root(self.base_url)  # refuses a malformed URL now, not at the first promotion
 
     @property
     def active(self) -> bool:
