@@ -14,12 +14,13 @@ class FakeVLLM:
     def __init__(self, base: str = "base-f32", answer=None):
         self.base = base
         self.loaded: dict[str, str] = {}       # name -> the path it was loaded from
-        self.requests: list[tuple[str, str, dict | None]] = []
+        self.requests: list[tuple[str, str, dict | None, str | None]] = []  # method, path, body, Authorization
         self.answer = answer or (lambda model, body: f"answer from {model}")
         self.fail_load = False                 # refuse every load (HTTP 400)
         self.fail_chat = False                 # every chat answers HTTP 500
         self.break_stream_after = None         # close a stream after this many chunks
         self.down = False                      # every request answers 503
+        self.runtime_lora = True               # False: started without VLLM_ALLOW_RUNTIME_LORA_UPDATING (404)
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -35,7 +36,7 @@ class FakeVLLM:
                 self.wfile.write(body)
 
             def do_GET(self):
-                fake.requests.append(("GET", self.path, None))
+                fake.requests.append(("GET", self.path, None, self.headers.get("Authorization")))
                 if fake.down:
                     return self._reply(503, {"error": {"message": "down"}})
                 if self.path == "/v1/models":
@@ -43,13 +44,20 @@ class FakeVLLM:
                                                       for n in [fake.base, *fake.loaded]]})
                 if self.path == "/health":
                     return self._reply(200, {})
+                if self.path == "/elsewhere":  # a redirect our client must not follow
+                    self.send_response(302)
+                    self.send_header("Location", "http://198.51.100.1/stolen")
+                    self.end_headers()
+                    return
                 self._reply(404, {"detail": "Not Found"})
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])) or b"{}")
-                fake.requests.append(("POST", self.path, body))
+                fake.requests.append(("POST", self.path, body, self.headers.get("Authorization")))
                 if fake.down:
                     return self._reply(503, {"error": {"message": "down"}})
+                if not fake.runtime_lora and self.path.endswith("_lora_adapter"):
+                    return self._reply(404, {"detail": "Not Found"})
                 if self.path == "/v1/load_lora_adapter":
                     if fake.fail_load:
                         return self._reply(400, {"error": {"message": "Loading lora failed: bad rank"}})
@@ -102,7 +110,8 @@ class FakeVLLM:
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
 
     def chats(self, model: str | None = None) -> list[dict]:
-        return [b for m, p, b in self.requests if p == "/v1/chat/completions" and (model is None or b["model"] == model)]
+        return [b for m, p, b, _ in self.requests
+                if p == "/v1/chat/completions" and (model is None or b["model"] == model)]
 
     def forget(self) -> None:
         """What a restart does to runtime-loaded adapters."""
