@@ -41,6 +41,12 @@ def _typed(**kw):
     return typed.run(**kw)
 
 
+def _gpu(**kw):
+    from . import gpu  # needs the train extra; measures a GPU only where llama.cpp and torch have one
+
+    return gpu.run(**kw)
+
+
 def _robustness(**kw):
     from . import robustness  # runs the fuzz corpus and a soak on the default model
 
@@ -49,7 +55,7 @@ def _robustness(**kw):
 
 SECTIONS = {"inference": inference.run, "adapters": adapters.run, "jac": _jac, "train": _train, "loop": _loop,
             "robustness": _robustness, "amx": amx.run, "typed": _typed,
-            "families": _families, "scaleout": _scaleout}
+            "families": _families, "scaleout": _scaleout, "gpu": _gpu}
 
 
 def main(argv=None) -> int:
@@ -70,7 +76,7 @@ def main(argv=None) -> int:
             goal = result.get("goals", {}).get(k, "")
             shown = f"{v:8.2f}" if isinstance(v, float) else f"{v!s:>8}"
             print(f"  {k:36s} {shown}   {goal}")
-    return 0
+    return int(result.get("exit_code", 0))  # a section that could not measure what it is for says so
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""LoRA fine-tuning on exactly the served GGUF base, on CPU.
+"""LoRA fine-tuning on exactly the served GGUF base, on the CPU or a CUDA device.
 
     adapter = train(model_path, examples, TrainConfig(), out_dir)
 
@@ -10,7 +10,9 @@ end-of-turn token only. Speed on CPU comes from computing the prompt start a bat
 shares (a task's system text and instructions) once per batch, logits only at
 completion positions, the LoRA product inside the base GEMM (lora_linear.py) and
 length-bucketed batches (bf16 autocast: see TrainConfig);
-`threads` leaves cores to a serving process. Deterministic with a seed; `cancel` (a threading.Event) stops it
+`threads` leaves cores to a serving process. `device` puts the model, the LoRA and the
+batches on a CUDA device when there is one; the files it writes have the same form either way.
+Deterministic with a seed; `cancel` (a threading.Event) stops it
 cleanly and no adapter is written. With a `checkpoint_dir`, the run saves its state there
 every `checkpoint_every_s` and when cancelled, and a later run on the same base, data and
 config resumes from it, ending with the adapter an uninterrupted run would have produced.
@@ -23,6 +25,7 @@ import json
 import math
 import os
 import random
+import re
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -61,7 +64,9 @@ class TrainConfig:
     seed: int = 0
     threads: int = 0              # 0 = torch's default (all cores)
     # bf16 autocast. Off: on this project's CPU (AVX-512 BF16, no AMX) a step in fp32 is 1.7x
-    # faster (361 vs 217 tok/s); True or None (= where the CPU has bf16) on a CPU with AMX.
+    # faster (361 vs 217 tok/s); True or None (= where the hardware has bf16: the CPU's, or
+    # torch.cuda.is_bf16_supported() on CUDA) on a CPU with AMX or a GPU. The fused LoRA
+    # forward (lora_linear.py) is fp32-only, so bf16 runs PEFT's own.
     bf16: bool | None = False
     use_rslora: bool = False
     weight_decay: float = 0.0
@@ -77,8 +82,14 @@ class TrainConfig:
     # early gradients of the boilerplate tokens stay in the second-moment estimate for ~1000
     # steps and shrink every later update of the label. With 0.95 they fade in ~20 steps.
     adam_beta2: float = 0.95
+    # Where the model, the LoRA and the batches live: "auto" = "cuda" when torch sees a CUDA
+    # device, else "cpu"; or "cpu", "cuda", "cuda:N". Like `threads`, it is not part of what
+    # a checkpoint is valid for: a run stopped on one device resumes on another.
+    device: str = "auto"
 
     def __post_init__(self):
+        if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):
+            raise InvalidRequestError(f"bad training config: device={self.device!r} (auto, cpu, cuda or cuda:N)")
         if not 0 < self.adam_beta2 < 1:
             raise InvalidRequestError(f"bad training config: adam_beta2={self.adam_beta2}")
         if self.rank < 1 or self.alpha <= 0 or self.learning_rate <= 0 or self.epochs < 1 or self.batch_size < 1 \
@@ -102,19 +113,20 @@ class TrainResult:
 
 
 CHECKPOINT_FILE = "trainer-state.pt"
+RUN_ONLY = ("threads", "device")  # how a run executes, not what it computes: outside the checkpoint key
 
 
 def checkpoint_key(base_path: str, data: list["TokenizedExample"], config: "TrainConfig",
                    init_from: str | Path | None = None) -> str:
     """What a checkpoint is valid for: the base file, the token ids, the config (threads
-    aside), the adapter it started from."""
+    and device aside), the adapter it started from."""
     h = hashlib.sha256(b"trainer-state v1")  # the file's layout: bump when it changes
     if init_from is not None:
         init = Path(init_from) / "adapter_model.safetensors"
         h.update(f"init|{init.resolve()}|{init.stat().st_mtime_ns}".encode())
     st = os.stat(base_path)
     h.update(f"{Path(base_path).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
-    h.update(json.dumps({k: v for k, v in asdict(config).items() if k != "threads"}, sort_keys=True,
+    h.update(json.dumps({k: v for k, v in asdict(config).items() if k not in RUN_ONLY}, sort_keys=True,
                         default=list).encode())
     for e in data:
         h.update(json.dumps([e.prompt_ids, e.completion_ids]).encode())
@@ -175,6 +187,21 @@ class Tokenization:
 
     def example(self, messages, completion: str, tools: list | None = None) -> TokenizedExample:
         return TokenizedExample(self.prompt_ids(messages, tools), self.model.tokenize(completion, False, False) + [self.end])
+
+
+def resolve_device(name: str) -> torch.device:
+    """TrainConfig.device as a torch device; a CUDA device torch does not see is refused."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(name)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InvalidRequestError(f"device={name!r}: torch sees no CUDA device (torch {torch.__version__})")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.index >= torch.cuda.device_count():
+            raise InvalidRequestError(f"device={name!r}: torch sees {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def _bf16_available() -> bool:
@@ -239,7 +266,7 @@ def cache_frozen_layers(model: DecoderForCausalLM, data: list[TokenizedExample],
     with torch.no_grad():
         for k in range(0, len(data), batch_size):
             batch = data[k:k + batch_size]
-            ids, mask = _padded(batch, 0)
+            ids, mask = (t.to(model.lm_head.weight.device) for t in _padded(batch, 0))
             x = model.run_layers(model.embed(ids), mask, 0, first_trained)
             for b, e in enumerate(batch):
                 e.frozen = x[b, : len(e.prompt_ids) + len(e.completion_ids)].clone()
@@ -265,8 +292,10 @@ def shared_prefix_length(batch: list[TokenizedExample]) -> int:
 
 def completion_loss(model: DecoderForCausalLM, batch: list[TokenizedExample], pad_id: int = 0,
                     first_trained: int = 0, share_prefix: bool = True) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over completion tokens; logits only at those positions."""
-    ids, mask = _padded(batch, pad_id, inputs_only=True)
+    """Mean cross-entropy over completion tokens; logits only at those positions. The
+    batch goes to the model's device."""
+    dev = model.lm_head.weight.device
+    ids, mask = (t.to(dev) for t in _padded(batch, pad_id, inputs_only=True))
     rows, cols, targets = [], [], []
     for b, e in enumerate(batch):
         start = len(e.prompt_ids) - 1  # the position whose next token is the first completion token
@@ -274,7 +303,7 @@ def completion_loss(model: DecoderForCausalLM, batch: list[TokenizedExample], pa
             rows.append(b)
             cols.append(start + j)
             targets.append(tok)
-    rows_t, cols_t = torch.tensor(rows), torch.tensor(cols)
+    rows_t, cols_t = torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)
     P = shared_prefix_length(batch) if share_prefix and not first_trained else 0
     if P:
         # Prompts of one task share their start (system text, instructions): compute it once.
@@ -282,7 +311,7 @@ def completion_loss(model: DecoderForCausalLM, batch: list[TokenizedExample], pa
         picked = model.run_shared_prefix(xp, model.embed(ids[:, P:]), mask[:, P:], rows_t, cols_t - P)
     else:
         if first_trained:
-            x = torch.zeros((*ids.shape, model.config.n_embd), dtype=batch[0].frozen.dtype)
+            x = torch.zeros((*ids.shape, model.config.n_embd), dtype=batch[0].frozen.dtype, device=dev)
             for b, e in enumerate(batch):
                 n = len(e.frozen) - 1  # the inputs: all but the last token
                 x[b, :n] = e.frozen[:n]
@@ -290,7 +319,7 @@ def completion_loss(model: DecoderForCausalLM, batch: list[TokenizedExample], pa
             x = model.embed(ids)
         picked = model.run_layers(x, mask, first_trained, model.config.n_layer)[rows_t, cols_t]
     logits = model.head(picked)
-    return torch.nn.functional.cross_entropy(logits, torch.tensor(targets)), len(targets)
+    return torch.nn.functional.cross_entropy(logits, torch.tensor(targets, device=dev)), len(targets)
 
 
 def prepare_examples(tok: Tokenization, examples: Iterable[Mapping[str, Any]], max_length: int,
@@ -334,11 +363,15 @@ def train(model_path: str | Path | None, examples: Iterable[Mapping[str, Any]], 
     torch.manual_seed(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
-    use_bf16 = _bf16_available() if config.bf16 is None else config.bf16
+    dev = resolve_device(config.device)
+    if config.bf16 is not None:
+        use_bf16 = config.bf16
+    else:  # where the hardware computes in bf16
+        use_bf16 = torch.cuda.is_bf16_supported() if dev.type == "cuda" else _bf16_available()
 
     from peft import LoraConfig, get_peft_model
 
-    base = load_model(path, reader=reader)
+    base = load_model(path, reader=reader).to(dev)  # PEFT creates the LoRA where the base is
     n_layer = base.config.n_layer
     first_trained = max(0, n_layer - config.lora_layers) if config.lora_layers else 0
     layers = list(range(first_trained, n_layer))
@@ -349,9 +382,10 @@ def train(model_path: str | Path | None, examples: Iterable[Mapping[str, Any]], 
     model = get_peft_model(base, lcfg)
     if init_from is not None:
         warm_start(model, init_from)
-    use_fused_forward(model)
+    if not use_bf16:  # the fused LoRA product accumulates in place, in one dtype: fp32 only
+        use_fused_forward(model)
     if first_trained:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
             cache_frozen_layers(base, data, first_trained, config.batch_size)
     trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
     params = list(trained.values())
@@ -411,7 +445,7 @@ def train(model_path: str | Path | None, examples: Iterable[Mapping[str, Any]], 
                     save_checkpoint()
                 kept = f"; checkpoint at step {step} kept in {ckpt.path.parent}" if ckpt is not None else ""
                 raise TrainingCancelled(f"training cancelled; no adapter written{kept}")
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss, n = completion_loss(model.base_model.model, batch, first_trained=first_trained)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -434,8 +468,10 @@ def train(model_path: str | Path | None, examples: Iterable[Mapping[str, Any]], 
     seconds = elapsed + time.perf_counter() - t0
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    model.to("cpu")  # the files are written from the CPU, whatever trained them
     weights = export.lora_weights(model)
-    meta = {"base": Path(path).name, "train_config": asdict(config), "steps": step, "final_loss": losses[-1]}
+    meta = {"base": Path(path).name, "train_config": {**asdict(config), "device": str(dev)}, "steps": step,
+            "final_loss": losses[-1]}
     gguf_path = export.write_gguf_adapter(out / f"{name}.gguf", weights, base.config, config.alpha, config.rank,
                                           config.use_rslora, metadata=meta)
     peft_dir = export.write_peft_adapter(out / f"{name}-peft", model, base_model=export.hf_base_name(reader, path),
