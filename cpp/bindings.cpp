@@ -91,6 +91,8 @@ PYBIND11_MODULE(_engine, m) {
     m.def("system_info", [] { return std::string(llama_print_system_info()); });
     m.def("llama_version", [] { const char* v = llama_version(); return std::string(v ? v : ""); },
           "The linked llama.cpp's version string (build number and commit).");
+    m.def("supports_gpu_offload", [] { return llama_supports_gpu_offload(); },
+          "Whether the linked llama.cpp has a backend n_gpu_layers can offload to (CUDA, Metal, ...).");
     m.def("cpu_extra_buffer_types_available", &cpu_extra_buffer_types_available,
           "Extra CPU weight buffer types (AMX, CPU_REPACK, ...) this llama.cpp build offers on this CPU.");
     m.def("cpu_extra_buffer_types_enabled", &cpu_extra_buffer_types_enabled,

@@ -74,3 +74,19 @@ def test_corrupt_header(tmp_path, tiny_model_path):
 def test_bad_engine_config(bad):
     with pytest.raises(InvalidRequestError):
         EngineConfig(**bad)
+
+
+def test_gpu_layers_without_a_gpu_backend_say_so(tiny_model_path, caplog):
+    """n_gpu_layers on a llama.cpp with no GPU backend still serves (on the CPU), and says why
+    nothing was offloaded instead of leaving the user to wonder about the speed."""
+    from mtllm_locally import _engine
+
+    with caplog.at_level("WARNING", logger="mtllm_locally"):
+        with Engine(tiny_model_path, n_gpu_layers=99, n_ctx=256, flash_attn=False) as eng:
+            assert eng.generate([1, 2, 3], max_tokens=3, ignore_eos=True).completion_tokens == 3
+    warned = [r.getMessage() for r in caplog.records if "no GPU backend" in r.getMessage()]
+    assert len(warned) == (0 if _engine.supports_gpu_offload() else 1)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mtllm_locally"):
+        Engine(tiny_model_path, n_ctx=256, flash_attn=False).close()
+    assert not [r for r in caplog.records if "no GPU backend" in r.getMessage()]

@@ -391,6 +391,9 @@ class Engine:
         self._vet_settings = dict(n_gpu_layers=config.n_gpu_layers, flash_attn=flash, kv_f32=config.kv_f32,
                                   use_mmap=config.use_mmap, use_repack=config.use_repack)
         vetting.vet_model(str(path), **self._vet_settings)
+        if config.n_gpu_layers > 0 and not _engine.supports_gpu_offload():
+            log.warning("n_gpu_layers=%d, but this llama.cpp has no GPU backend: every layer runs on the CPU "
+                        "(README: the CUDA build)", config.n_gpu_layers)
         mp = _engine.ModelParams()
         mp.n_gpu_layers = config.n_gpu_layers
         mp.use_mmap = config.use_mmap

@@ -54,9 +54,9 @@ GOALS = {"gpu_decode_speedup_1": "> 1 (reported)", "gpu_decode_speedup_8": "> 1 
 
 
 def llama_gpu() -> dict:
-    """What the linked llama.cpp offers: llama_supports_gpu_offload() and its backend devices,
-    read through ctypes from the libraries the engine module loaded (the binding does not
-    expose them). None where the libraries cannot be found (not Linux)."""
+    """What the linked llama.cpp offers: llama_supports_gpu_offload() (the binding) and its
+    backend devices, read through ctypes from the ggml library the engine module loaded (an
+    empty list where it cannot be found: not Linux)."""
     libs = {}
     try:
         with open("/proc/self/maps") as maps:
@@ -66,11 +66,7 @@ def llama_gpu() -> dict:
                     libs.setdefault(m.group(2), m.group(1))
     except OSError:
         pass
-    out: dict = {"supports_gpu_offload": None, "devices": [], "libllama": libs.get("llama")}
-    if "llama" in libs:
-        f = ctypes.CDLL(libs["llama"]).llama_supports_gpu_offload
-        f.restype = ctypes.c_bool
-        out["supports_gpu_offload"] = bool(f())
+    out: dict = {"supports_gpu_offload": _engine.supports_gpu_offload(), "devices": [], "libllama": libs.get("llama")}
     if "ggml" in libs:
         g = ctypes.CDLL(libs["ggml"])
         g.ggml_backend_dev_count.restype = ctypes.c_size_t
