@@ -78,7 +78,8 @@ def _free_port() -> int:
 def start_vllm(venv: Path, hf_dir: Path, port: int, log_path: Path) -> subprocess.Popen:
     env = dict(os.environ)
     env.update({
-        "VLLM_TARGET_DEVICE": "cpu",  # our CUDA build of torch would otherwise hide that this is the CPU build
+        # our CUDA build of torch would otherwise hide that this is the CPU build; "cuda" for a GPU vLLM venv
+        "VLLM_TARGET_DEVICE": env.get("VLLM_TARGET_DEVICE", "cpu"),
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
         "VLLM_CPU_KVCACHE_SPACE": env.get("VLLM_CPU_KVCACHE_SPACE", "1"),  # GiB; 2048-token requests need little
         "OMP_NUM_THREADS": env.get("OMP_NUM_THREADS", "2"),
