@@ -329,3 +329,27 @@ def test_a_teacher_still_answers_while_the_student_is_not_good_enough(tmp_path, 
         assert ans.source == "teacher:oracle/x" and ans.served_by is None
         assert ans.choices[0].text == answer_for(MSGS) and fake.chats() == []
         assert rt.store().turns("inv-teach")[0]["source"] == "teacher:oracle/x"
+
+
+def test_cli_promote_rollback_and_sync_go_through_the_server(tmp_path, fake, tiny, monkeypatch, capsys):
+    from mtllm_locally import cli
+
+    path, weights = tiny
+    store_path = tmp_path / "s.sqlite3"
+    reg = Registry(Store(store_path))
+    base = models.fingerprint(path)
+    v1, v2 = make_version(reg, base, weights, 1), make_version(reg, base, weights, 2)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MTLLM_LOCALLY_VLLM_URL", fake.url)
+    for v in (v1, v2):
+        assert cli.main(["--store", str(store_path), "promote", v.adapter_id]) == 0
+    n1, n2 = Deployer.name_for(v1), Deployer.name_for(v2)
+    assert set(fake.loaded) == {n1, n2} and reg.deployed(TASK, base).adapter_id == v2.adapter_id
+    assert cli.main(["--store", str(store_path), "--json", "vllm", "sync", "--now"]) == 0
+    (entry,) = json.loads(capsys.readouterr().out.split("now serves its task\n")[-1])
+    assert entry["sync"]["unloaded"] == [n1] and set(entry["served"]) == {fake.base, n2}
+    fake.fail_load = True  # a promotion the server cannot take does not happen
+    assert cli.main(["--store", str(store_path), "promote", v1.adapter_id]) == 2
+    assert reg.deployed(TASK, base).adapter_id == v2.adapter_id
+    monkeypatch.setenv("MTLLM_LOCALLY_VLLM", "0")
+    assert cli.main(["--store", str(store_path), "vllm", "status"]) == 2  # nothing configured: said so
