@@ -62,8 +62,9 @@ def make_version(reg: Registry, base: str, weights, seed: int, *, score: float =
     return reg.get(v.adapter_id)
 
 
-def settings(fake, **kw) -> VLLMSettings:
-    return VLLMSettings(**{"base_url": fake.url + "/v1", "served_base": fake.base, "drain_s": 0.0, **kw})
+def settings(fake, model: str, **kw) -> VLLMSettings:
+    return VLLMSettings(**{"base_url": fake.url + "/v1", "served_base": fake.base, "model": model, "drain_s": 0.0,
+                           **kw})
 
 
 def promote(dep: Deployer, v) -> str:
@@ -104,7 +105,7 @@ def test_push_loads_a_versioned_name_then_switch_retires_and_drains_the_old(tmp_
     reg = Registry(Store(tmp_path / "s.sqlite3"))
     base = models.fingerprint(path)
     v1, v2 = make_version(reg, base, weights, 1), make_version(reg, base, weights, 2)
-    dep = Deployer(reg, settings(fake, server_adapter_dir="/srv/adapters"))
+    dep = Deployer(reg, settings(fake, path, server_adapter_dir="/srv/adapters"))
     n1 = promote(dep, v1)
     assert re.fullmatch(re.escape(task_dirname(TASK)) + r"-v1-[0-9a-f]{8}", n1)
     assert fake.loaded[n1] == f"/srv/adapters/{task_dirname(TASK)}/v1/peft"  # how the server sees the registry
@@ -126,7 +127,7 @@ def test_a_refused_load_or_a_failed_target_gate_leaves_nothing_loaded(tmp_path, 
     reg = Registry(Store(tmp_path / "s.sqlite3"))
     base = models.fingerprint(path)
     v1, v2 = make_version(reg, base, weights, 1), make_version(reg, base, weights, 2)
-    dep = Deployer(reg, settings(fake))
+    dep = Deployer(reg, settings(fake, path))
     name, verdict = dep.push(v1, lambda d, n, v: {"passed": False, "reason": "0.2 < 0.8"})
     assert not verdict["passed"] and fake.loaded == {}
     row = dep.rows()[0]
@@ -141,7 +142,7 @@ def test_a_refused_load_or_a_failed_target_gate_leaves_nothing_loaded(tmp_path, 
         dep.push(v2, PASS)
     assert fake.loaded == {}
     with pytest.raises(VLLMError, match="not reachable"):
-        Deployer(reg, VLLMSettings(base_url="http://127.0.0.1:9")).push(v2, PASS)
+        Deployer(reg, VLLMSettings(base_url="http://127.0.0.1:9", model=path)).push(v2, PASS)
     assert reg.deployed(TASK, base) is None  # nothing was promoted by any of it
 
 
@@ -150,7 +151,7 @@ def test_reconcile_reloads_what_a_restart_lost_and_cleans_up_after_a_dead_pusher
     reg = Registry(Store(tmp_path / "s.sqlite3"))
     base = models.fingerprint(path)
     v1, v2 = make_version(reg, base, weights, 1), make_version(reg, base, weights, 2)
-    dep = Deployer(reg, settings(fake))
+    dep = Deployer(reg, settings(fake, path))
     n1 = promote(dep, v1)
     fake.forget()  # vLLM restarted: runtime LoRAs are gone
     assert dep.reconcile()["reloaded"] == [n1] and n1 in fake.loaded
@@ -169,7 +170,7 @@ def test_rollback_loads_the_previous_version_before_the_pointer_moves(tmp_path, 
     reg = Registry(Store(tmp_path / "s.sqlite3"))
     base = models.fingerprint(path)
     v1, v2 = make_version(reg, base, weights, 1), make_version(reg, base, weights, 2)
-    dep = Deployer(reg, settings(fake))
+    dep = Deployer(reg, settings(fake, path))
     n1, n2 = promote(dep, v1), promote(dep, v2)
     dep.reconcile()
     assert set(fake.loaded) == {n2}
@@ -190,7 +191,7 @@ def test_target_gate_judges_the_candidate_on_the_server_as_served(tmp_path, fake
               for i, w in enumerate(["apple", "sky", "grass", "apple"])]
     candidate = EvalResult(score=1.0, exact=1.0, n=4, predictions=[e.completion for e in judged])
     baseline = EvalResult(score=0.25, exact=0.25, n=4, predictions=["x"] * 4)
-    policy = TaskPolicy(margin=0.05, vllm={"base_url": fake.url, "served_base": fake.base})
+    policy = TaskPolicy(margin=0.05, vllm={"base_url": fake.url, "served_base": fake.base, "model": path})
     fake.answer = lambda model, body: answer_for(body["messages"]) if model != fake.base else "{}"
     serves = {"adapter": True, "demonstrations": False}
     record = target_gate.push(reg, v, serves, policy, judged, [16] * 4, (), candidate, baseline, log=lambda m: None)
@@ -213,9 +214,9 @@ def routed_runtime(tmp_path, fake, tiny, **vllm):
     store_path = tmp_path / "s.sqlite3"
     reg = Registry(Store(store_path))
     v = make_version(reg, models.fingerprint(path), weights, 1)
-    name = promote(Deployer(reg, settings(fake)), v)
+    name = promote(Deployer(reg, settings(fake, path)), v)
     policy = Policy(tmp_path)
-    policy.configure(vllm={"base_url": fake.url, "served_base": fake.base, **vllm})
+    policy.configure(vllm={"base_url": fake.url, "served_base": fake.base, "model": path, **vllm})
     return Runtime(store_path=store_path, engine_config=CONFIG, policy=policy), v, name
 
 
@@ -297,7 +298,7 @@ def test_the_loop_promotes_only_what_the_server_took(tmp_path, fake, tiny_model_
         st, reg = rt.store(), Registry(rt.store())
         fill_store(st, 24)
         policy = TaskPolicy(demonstrations=4, min_heldout=4, margin=-1.0, threads=1,
-                            vllm={"base_url": fake.url, "served_base": fake.base})
+                            vllm={"base_url": fake.url, "served_base": fake.base, "model": tiny_model_path})
         ref = TaskRef("classify:t", "classify", tiny_model_path)
         v, proc = start_training(st, ref, policy, kind="demonstrations", labelled=24, wait=True)
         v = reg.get(v.adapter_id)
@@ -340,6 +341,7 @@ def test_cli_promote_rollback_and_sync_go_through_the_server(tmp_path, fake, tin
     base = models.fingerprint(path)
     v1, v2 = make_version(reg, base, weights, 1), make_version(reg, base, weights, 2)
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "jac.toml").write_text(f'[plugins.mtllm_locally.vllm]\nmodel = "{path}"\n')
     monkeypatch.setenv("MTLLM_LOCALLY_VLLM_URL", fake.url)
     for v in (v1, v2):
         assert cli.main(["--store", str(store_path), "promote", v.adapter_id]) == 0
@@ -353,3 +355,88 @@ def test_cli_promote_rollback_and_sync_go_through_the_server(tmp_path, fake, tin
     assert reg.deployed(TASK, base).adapter_id == v2.adapter_id
     monkeypatch.setenv("MTLLM_LOCALLY_VLLM", "0")
     assert cli.main(["--store", str(store_path), "vllm", "status"]) == 2  # nothing configured: said so
+
+
+# ---------------------------------------------------------------------- what the review found
+def test_a_reconcile_elsewhere_during_the_target_gate_leaves_the_candidate_loaded(tmp_path, fake, tiny):
+    """The serving process reconciles every minute while a worker judges its candidate on the
+    server: the candidate must survive it and serve once promoted."""
+    path, weights = tiny
+    reg = Registry(Store(tmp_path / "s.sqlite3"))
+    base = models.fingerprint(path)
+    v1, v2 = make_version(reg, base, weights, 1), make_version(reg, base, weights, 2)
+    dep = Deployer(reg, settings(fake, path))
+    promote(dep, v1)
+    other = Deployer(Registry(Store(tmp_path / "s.sqlite3")), settings(fake, path))  # the serving process
+
+    def gate(d, name, v):
+        other.reconcile(tasks={TASK})
+        other.reconcile(tasks={TASK})
+        assert name in fake.loaded  # still there to be judged
+        return {"passed": True, "reason": "ok"}
+    n2, _ = dep.push(v2, gate)
+    assert reg.promote(v2.adapter_id)
+    dep.retire_others(TASK)
+    other.reconcile(tasks={TASK})
+    assert n2 in fake.loaded and loaded_names(reg)[(fake.url, v2.adapter_id)] == n2
+    # a version deployed while the server was not configured (or down) is loaded by reconcile
+    reg.rollback(TASK, base)
+    dep._set(v1, Deployer.name_for(v1), "unloaded")
+    fake.loaded.pop(Deployer.name_for(v1), None)
+    assert other.reconcile(tasks={TASK})["loaded"] == [Deployer.name_for(v1)]
+
+
+def test_a_failed_call_during_the_target_gate_is_no_verdict(tmp_path, fake, tiny):
+    path, weights = tiny
+    reg = Registry(Store(tmp_path / "s.sqlite3"))
+    judged = [Example(f"inv-{i}", f"input-{i}", messages(i, w), None, RF, answer_for(messages(i, w)), "teacher", 0.0, True)
+              for i, w in enumerate(["apple", "sky", "grass", "apple"])]
+    candidate = EvalResult(score=1.0, exact=1.0, n=4, predictions=[e.completion for e in judged])
+    baseline = EvalResult(score=0.25, exact=0.25, n=4, predictions=["x"] * 4)
+    policy = TaskPolicy(vllm={"base_url": fake.url, "served_base": fake.base, "model": path})
+    fake.answer = lambda model, body: answer_for(body["messages"])
+    serves = {"adapter": True, "demonstrations": False}
+    fake.fail_next = 1  # one failure, retried: still a verdict
+    v = make_version(reg, models.fingerprint(path), weights, 1)
+    assert target_gate.push(reg, v, serves, policy, judged, [16] * 4, (), candidate, baseline,
+                            log=lambda m: None)["state"] == "served"
+    fake.fail_next = 8  # a call that fails twice: not judged, not rejected
+    v2 = make_version(reg, models.fingerprint(path), weights, 2)
+    record = target_gate.push(reg, v2, serves, policy, judged, [16] * 4, (), candidate, baseline, log=lambda m: None)
+    assert record["state"] == "unavailable" and reg.get(v2.adapter_id).status == "passed"
+
+
+def test_a_refused_or_cut_call_is_served_here_without_blaming_the_server(tmp_path, fake, tiny):
+    path = tiny[0]
+    rt, v, name = routed_runtime(tmp_path, fake, tiny)
+    with rt:
+        fake.fail_status, fake.fail_next = 400, 1  # e.g. longer than the server's context
+        assert rt.calls.complete(call(path, "inv-400")).served_by is None
+        assert rt.calls.complete(call(path, "inv-next")).served_by == f"hosted_vllm/{name}"  # not marked down
+        fake.finish_reason = "length"  # a typed answer the server cut at the budget: not taken
+        cut = rt.calls.complete(call(path, "inv-cut"))
+        assert cut.served_by is None and rt.store().turns("inv-cut")[0]["model"].startswith("mtllm_locally/")
+        fake.finish_reason, fake.fail_status, fake.fail_next = "stop", 404, 1  # a name the server lost
+        assert rt.calls.complete(call(path, "inv-404")).served_by is None
+        n = len(fake.chats())
+        assert rt.calls.complete(call(path, "inv-after")).served_by is None and len(fake.chats()) == n
+
+
+def test_calls_of_another_model_stay_here_and_credentials_and_the_switch_are_safe(tmp_path, fake, tiny, monkeypatch):
+    import shutil
+
+    path = tiny[0]
+    other = tmp_path / "other.gguf"
+    shutil.copy(path, other)  # the same bytes under another name: another model to the registry
+    rt, v, name = routed_runtime(tmp_path, fake, tiny, served_base=fake.base)
+    with rt:
+        assert rt.calls.complete(call(str(other), "inv-other")).served_by is None and fake.chats() == []
+    with pytest.raises(InvalidRequestError, match="credentials"):
+        VLLMSettings(base_url="http://user:s3cret@10.0.0.5:8000/v1")
+    from mtllm_locally.serve.remote_calls import Remote
+
+    assert "s3cret" not in repr(Remote("http://h:1", "n", "s3cret"))  # a Route in a log shows no key
+    (tmp_path / "jac.toml").write_text('[plugins.mtllm_locally.tasks.classify.vllm]\nbase_url = "http://b:2"\n'
+                                       'enabled = true\n')
+    monkeypatch.setenv("MTLLM_LOCALLY_VLLM", "0")  # the switch wins over every table
+    assert not Policy(tmp_path).for_task("classify").remote.active

@@ -17,7 +17,10 @@ class FakeVLLM:
         self.requests: list[tuple[str, str, dict | None, str | None]] = []  # method, path, body, Authorization
         self.answer = answer or (lambda model, body: f"answer from {model}")
         self.fail_load = False                 # refuse every load (HTTP 400)
-        self.fail_chat = False                 # every chat answers HTTP 500
+        self.fail_chat = False                 # every chat answers HTTP `fail_status`
+        self.fail_status = 500
+        self.fail_next = 0                     # only the next n chats fail
+        self.finish_reason = "stop"            # what every answer says it ended with
         self.break_stream_after = None         # close a stream after this many chunks
         self.down = False                      # every request answers 503
         self.runtime_lora = True               # False: started without VLLM_ALLOW_RUNTIME_LORA_UPDATING (404)
@@ -78,14 +81,15 @@ class FakeVLLM:
                 model = body.get("model")
                 if model != fake.base and model not in fake.loaded:
                     return self._reply(404, {"error": {"message": f"The model `{model}` does not exist."}})
-                if fake.fail_chat:
-                    return self._reply(500, {"error": {"message": "engine dead"}})
+                if fake.fail_chat or fake.fail_next > 0:
+                    fake.fail_next -= 1
+                    return self._reply(fake.fail_status, {"error": {"message": f"failed with {fake.fail_status}"}})
                 text = fake.answer(model, body)
                 usage = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}
                 if not body.get("stream"):
                     return self._reply(200, {"id": "chatcmpl-1", "object": "chat.completion", "created": int(time.time()),
                                              "model": model, "usage": usage,
-                                             "choices": [{"index": 0, "finish_reason": "stop",
+                                             "choices": [{"index": 0, "finish_reason": fake.finish_reason,
                                                           "message": {"role": "assistant", "content": text}}]})
                 self.send_response(200)
                 self.send_header("Content-Type", "text/event-stream")

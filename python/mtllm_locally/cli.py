@@ -220,11 +220,12 @@ def cmd_vllm(args) -> int:
 
     store = _store(args)
     reg = Registry(store)
-    deployers = {}
-    for t in store.tasks() + [{"function": None}]:
+    deployers, tasks = {}, {}
+    for t in store.tasks() + [{"function": None, "task_key": None}]:
         d = _deployer(reg, t["function"])
         if d is not None:
             deployers.setdefault(d.key, d)
+            tasks.setdefault(d.key, set()).add(t["task_key"])
     if not deployers:
         print("error: no vLLM server configured (jac.toml [plugins.mtllm_locally.vllm] base_url, or "
               "MTLLM_LOCALLY_VLLM_URL)", file=sys.stderr)
@@ -235,7 +236,7 @@ def cmd_vllm(args) -> int:
                                              for r in d.rows()]}
         try:
             if args.action == "sync":
-                entry["sync"] = d.reconcile(drain_s=0.0 if args.now else None)
+                entry["sync"] = d.reconcile(drain_s=0.0 if args.now else None, tasks=tasks[key])
             entry["served"] = d.target.served_models()
         except Exception as e:
             entry["error"] = f"{type(e).__name__}: {e}"

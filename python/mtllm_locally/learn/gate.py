@@ -94,8 +94,8 @@ def evaluate_remote(complete: Callable[[dict], str], examples: Sequence[Example]
                     demonstrations: Sequence[Demonstration] = (), workers: int = 8) -> EvalResult:
     """`evaluate` for a model served elsewhere (the target gate): `complete(kwargs)` makes one
     OpenAI-style chat call and returns its text; the same messages, schema, greedy decoding
-    and budget as `evaluate`. A server that answers none of them raises (unreachable is not
-    a verdict on the adapter)."""
+    and budget as `evaluate`. Each call is tried twice; if one still fails, this raises: a
+    verdict needs every answer, and a server that fails calls says nothing about the adapter."""
     if not examples:
         raise ValueError("nothing to evaluate")
     errors: list[str] = []
@@ -106,16 +106,18 @@ def evaluate_remote(complete: Callable[[dict], str], examples: Sequence[Example]
                               "temperature": 0.0, "max_tokens": max_tokens[i]}
         if ex.response_format:
             kw["response_format"] = ex.response_format
-        try:
-            return complete(kw)
-        except Exception as e:
-            errors.append(f"{type(e).__name__}: {e}")
-            return f"<error: {e}>"
+        for attempt in (1, 2):
+            try:
+                return complete(kw)
+            except Exception as e:
+                if attempt == 2:
+                    errors.append(f"{type(e).__name__}: {e}")
+        return "<error>"
 
     with ThreadPoolExecutor(max(1, min(workers, len(examples))), thread_name_prefix="mtllm-target-gate") as pool:
         texts = list(pool.map(one, range(len(examples))))
-    if len(errors) == len(examples):
-        raise MtllmError(f"the server answered none of {len(examples)} calls; first error: {errors[0][:300]}")
+    if errors:
+        raise MtllmError(f"{len(errors)} of {len(examples)} calls failed on the server; first: {errors[0][:300]}")
     return scored(texts, examples)
 
 

@@ -226,15 +226,19 @@ class Learner:
         (state/remote.py). Only servers configured for a task are contacted."""
         with self._lock:
             refs = list(self._tasks.values())
-        settings = {}
+        servers: dict[str, tuple] = {}  # base_url -> (settings, the tasks it serves)
         for ref in refs:
-            s = self.policy.for_task(ref.function).remote
-            if s.active:
-                settings.setdefault(s.base_url, s)
-        done = {}
-        for url, s in settings.items():
             try:
-                done[url] = Deployer(self.registry, s).reconcile()
+                s = self.policy.for_task(ref.function).remote
+            except Exception as e:  # a bad jac.toml: said where the call path reads it; never this thread's end
+                log.debug("vLLM settings for %s: %s", ref.function, e)
+                continue
+            if s.active:
+                servers.setdefault(s.base_url, (s, set()))[1].add(ref.task_key)
+        done = {}
+        for url, (s, tasks) in servers.items():
+            try:
+                done[url] = Deployer(self.registry, s).reconcile(tasks=tasks)
             except Exception as e:  # a server down now is retried at the next pass
                 log.info("vLLM at %s not reconciled: %s: %s", url, type(e).__name__, e)
         return done
@@ -249,4 +253,7 @@ class Learner:
                 self.check_now()
             if not self._stopped.is_set() and time.monotonic() - last_reconcile >= RECONCILE_S:
                 last_reconcile = time.monotonic()
-                self.reconcile_servers()
+                try:
+                    self.reconcile_servers()
+                except Exception as e:  # the loop must never take the program down
+                    log.warning("vLLM reconcile: %s: %s", type(e).__name__, e)

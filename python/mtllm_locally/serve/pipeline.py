@@ -189,7 +189,9 @@ class CallPipeline:
                 except RemoteStreamBroken:
                     raise
                 except Exception as e:  # the server's failure is never the call's: answer in process
-                    self.runtime.servers.failed(call.route.remote.target, e)
+                    self.runtime.servers.failed(call.route.remote, e)
+                if reply is not None and remote_calls.cut_short(call, reply):
+                    reply = None  # the engine closes a value within the budget; the server cut it
             if reply is not None:
                 answer = yield Blocking(self._remote_served, (call, reply))
             else:
@@ -342,9 +344,12 @@ class CallPipeline:
                         streamed = StreamedReply()
                         try:
                             chunks = litellm.completion(**kw)
-                            for chunk in chunks:
-                                if text := streamed.add(chunk):
-                                    yield TextDelta(text)
+                            try:
+                                for chunk in chunks:
+                                    if text := streamed.add(chunk):
+                                        yield TextDelta(text)
+                            finally:  # a consumer that stopped early: the server stops generating too
+                                _close_stream(chunks)
                             result = streamed.reply(chunks)
                         except Exception as e:
                             raise _broken(e) if any(streamed.parts) else e
@@ -406,9 +411,12 @@ class CallPipeline:
                         streamed = StreamedReply()
                         try:
                             chunks = await litellm.acompletion(**kw)
-                            async for chunk in chunks:
-                                if text := streamed.add(chunk):
-                                    yield TextDelta(text)
+                            try:
+                                async for chunk in chunks:
+                                    if text := streamed.add(chunk):
+                                        yield TextDelta(text)
+                            finally:
+                                await _aclose_stream(chunks)
                             result = streamed.reply(chunks)
                         except Exception as e:
                             raise _broken(e) if any(streamed.parts) else e
@@ -436,6 +444,38 @@ def _advance(core, result: Any, error: Exception | None):
         return core.throw(error) if error is not None else core.send(result)
     except StopIteration:
         return None
+
+
+def _stream_parts(chunks) -> list:
+    """LiteLLM's stream wrapper and what it wraps, outermost first (the provider's stream, then
+    the HTTP response's generator): where a close is found."""
+    inner = getattr(chunks, "completion_stream", None)
+    return [chunks, inner, getattr(inner, "streaming_response", None), getattr(inner, "response_iterator", None)]
+
+
+def _close_stream(chunks) -> None:
+    """Close LiteLLM's stream (its HTTP response) so an abandoned answer is not generated on."""
+    for obj in _stream_parts(chunks):
+        close = getattr(obj, "close", None)
+        if callable(close):
+            try:
+                close()
+            except Exception:
+                pass
+            return
+
+
+async def _aclose_stream(chunks) -> None:
+    for obj in _stream_parts(chunks):
+        close = getattr(obj, "aclose", None) or getattr(obj, "close", None)
+        if callable(close):
+            try:
+                r = close()
+                if asyncio.iscoroutine(r):
+                    await r
+            except Exception:
+                pass
+            return
 
 
 def _broken(e: Exception) -> RemoteStreamBroken:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import MtllmError
@@ -42,8 +42,8 @@ EXTRA_KEYS = ("top_k", "min_p", "repetition_penalty")
 class Remote:
     target: str             # the server's root URL (the store's key for it)
     name: str               # the model name on the server
-    api_key: str | None
-    timeout_s: float
+    api_key: str | None = field(repr=False)
+    timeout_s: float = 60.0
 
     @property
     def model(self) -> str:
@@ -68,23 +68,36 @@ class RemoteStreamBroken(MtllmError):
 
 
 class ServerHealth:
-    """Which servers failed a call recently (calls skip them for COOL_OFF_S)."""
+    """Which servers (or names on them) failed a call recently: calls skip them for COOL_OFF_S.
+    A request the server refused as such (HTTP 400: too long for its context, a schema its
+    grammar engine rejects) says nothing about the server and marks nothing; a name it does
+    not know (a restart lost it) marks that name; anything else marks the server."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._down_until: dict[str, float] = {}
+        self._down_until: dict[tuple[str, str | None], float] = {}
 
-    def failed(self, target: str, error: BaseException) -> None:
+    def failed(self, remote: Remote, error: BaseException) -> None:
+        import litellm
+
+        if isinstance(error, litellm.BadRequestError):
+            log.info("vLLM at %s refused a call to %s (served in process): %s", remote.target, remote.name,
+                     str(error)[:300])
+            return
+        key = (remote.target, remote.name if isinstance(error, litellm.NotFoundError) else None)
         with self._lock:
-            first = self._down_until.get(target, 0.0) < time.monotonic()
-            self._down_until[target] = time.monotonic() + COOL_OFF_S
+            first = self._down_until.get(key, 0.0) < time.monotonic()
+            self._down_until[key] = time.monotonic() + COOL_OFF_S
         if first:  # one warning per outage, not one per call
-            log.warning("vLLM at %s failed a call (%s: %s); serving in process for %.0f s",
-                        target, type(error).__name__, str(error)[:300], COOL_OFF_S)
+            log.warning("vLLM at %s failed a call to %s (%s: %s); serving %s in process for %.0f s", remote.target,
+                        remote.name, type(error).__name__, str(error)[:300],
+                        remote.name if key[1] else "every task it serves", COOL_OFF_S)
 
-    def up(self, target: str) -> bool:
+    def up(self, target: str, name: str | None = None) -> bool:
+        now = time.monotonic()
         with self._lock:
-            return self._down_until.get(target, 0.0) < time.monotonic()
+            return self._down_until.get((target, None), 0.0) < now and \
+                (name is None or self._down_until.get((target, name), 0.0) < now)
 
 
 def remote_for(settings: VLLMSettings, adapter_id: str | None, serves_adapter: bool,
@@ -93,12 +106,16 @@ def remote_for(settings: VLLMSettings, adapter_id: str | None, serves_adapter: b
     if not settings.active or not settings.route:
         return None
     target = server_root(settings.base_url)
-    if not health.up(target):
-        return None
     name = loaded.get((target, adapter_id)) if serves_adapter else settings.served_base
-    if not name:
+    if not name or not health.up(target, name):
         return None
     return Remote(target, name, settings.api_key(), settings.timeout_s)
+
+
+def cut_short(call: "Call", reply: RemoteReply) -> bool:
+    """A typed answer the server stopped at the token budget: vLLM has no close-at-budget, so it
+    is cut JSON, which the engine (closing values within the same budget) would not return."""
+    return reply.finish_reason == "length" and bool(call.request.response_format)
 
 
 def stays_local(call: "Call") -> bool:

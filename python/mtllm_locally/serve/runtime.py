@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .. import models
 from ..engine import Engine, EngineConfig, Request
 from ..state.policy import Policy
 from ..state.store import Store
@@ -71,6 +72,7 @@ class Runtime:
         self.engines = EnginePool(engine_config)
         self.router = Router()
         self.servers = ServerHealth()  # vLLM servers that failed a call lately (remote_calls.py)
+        self._server_bases: dict[str, str] = {}  # vllm.model -> its fingerprint
         # Per context: the last call captured (what feedback() refers to by default), and
         # whether capture is suppressed (a teacher answering through this very provider).
         self.last_invocation: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -141,6 +143,8 @@ class Runtime:
             settings = self.policy.for_task(function).remote
             if not settings.active:
                 return route
+            if self.router.base_of(engine) != self._server_base(settings.model):
+                return route  # the server's base is another model's: this model's calls stay here
             v = self.router.deployed(engine, task_key)
             if (v.adapter_id if v else None) != route.adapter_id:
                 return route  # the version cannot be served here as deployed (see Router.route)
@@ -150,6 +154,13 @@ class Runtime:
             log.warning("vLLM routing for %s failed (serving in process): %s: %s", task_key, type(e).__name__, e)
             return route
         return dataclasses.replace(route, remote=remote) if remote else route
+
+    def _server_base(self, model: str) -> str:
+        """The fingerprint of the local model a server's base was exported from (cached: the
+        default model's is read once, not per call)."""
+        if model not in self._server_bases:
+            self._server_bases[model] = models.fingerprint(models.resolve(model))
+        return self._server_bases[model]
 
     def attempt_of(self, invocation_id: str | None) -> int:
         """1 for a call's first answer; n when byllm already had n - 1 final answers to it."""

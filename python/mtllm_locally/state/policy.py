@@ -28,6 +28,8 @@ class VLLMSettings:
     enabled: bool = True            # false: neither push nor route (a task opting out of the global table)
     route: bool = True              # false: promotions are pushed, calls stay in process
     served_base: str | None = None  # the model id vLLM serves the base under (`mtllm-locally export-hf`)
+    model: str = "default"          # the local model (name or GGUF path) that base was exported from: calls
+                                    #   and versions of any other model stay in process
     server_adapter_dir: str | None = None  # where the server sees <store>/adapters (vLLM loads by path)
     api_key_env: str | None = None  # the NAME of the environment variable holding the key
     gate: bool = True               # judge the pushed adapter on the server before traffic moves
@@ -145,8 +147,6 @@ class Policy:
             self._global["learn"] = False
         if os.environ.get("MTLLM_LOCALLY_VLLM_URL"):
             self._global["vllm"] = {**self._global.get("vllm", {}), "base_url": os.environ["MTLLM_LOCALLY_VLLM_URL"]}
-        if os.environ.get("MTLLM_LOCALLY_VLLM") == "0":
-            self._global["vllm"] = {**self._global.get("vllm", {}), "enabled": False}
         self._loaded = True
 
     def configure(self, function: str | None = None, **settings) -> None:
@@ -183,6 +183,8 @@ class Policy:
         for layer in layers:
             for k, v in layer.items():
                 kw[k] = {**kw.get(k, {}), **v} if k in _NESTED and isinstance(v, dict) else v
+        if os.environ.get("MTLLM_LOCALLY_VLLM") == "0":  # the switch wins over every table
+            kw["vllm"] = {**kw.get("vllm", {}), "enabled": False}
         return replace(TaskPolicy(), **kw)
 
     def describe(self, function: str | None) -> dict:

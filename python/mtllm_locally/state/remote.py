@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from .. import models
 from ..errors import AdapterLoadError, MtllmError
 from .policy import VLLMSettings
 from .registry import AdapterVersion, Registry, _alive
@@ -55,6 +56,14 @@ class Deployer:
         self.target = target or VLLMTarget(settings.base_url, api_key=settings.api_key(),
                                            timeout=max(120.0, settings.timeout_s))
         self.key = server_root(settings.base_url)
+        self._base: str | None = None
+
+    @property
+    def base(self) -> str:
+        """The fingerprint of the local model the server's base was exported from (`model`)."""
+        if self._base is None:
+            self._base = models.fingerprint(models.resolve(self.settings.model))
+        return self._base
 
     # ------------------------------------------------------------------ names and paths
     @staticmethod
@@ -85,9 +94,13 @@ class Deployer:
         return loaded_names(self.registry).get((self.key, v.adapter_id))
 
     # ------------------------------------------------------------------ push
-    def load(self, v: AdapterVersion) -> str:
-        """Load `v` on the server and return its name once the server lists it (nothing routes
-        to it before its version is the deployed one)."""
+    def load(self, v: AdapterVersion, *, state: str = "loaded") -> str:
+        """Load `v` on the server and return its name once the server lists it; the row is left
+        in `state` ("loading" while a push still judges it: reconcile leaves it alone while its
+        process lives). Nothing routes to a name before its version is the deployed one."""
+        if v.base != self.base:
+            raise RemoteError(f"{v.adapter_id} was trained on {v.base}; the server's base is {self.settings.model!r} "
+                              f"({self.base}): set vllm.model to the model the server's base was exported from")
         if not v.serves_adapter:
             if not self.settings.served_base:
                 raise RemoteError(f"{v.adapter_id} serves the base model with demonstrations: set vllm.served_base "
@@ -96,6 +109,8 @@ class Deployer:
             return self.settings.served_base
         peft = Path(v.path) / "peft"
         name = self.name_for(v)
+        if self._state(name) == "loaded" and name in self.target.served_models():
+            return name  # already serving (a retried push, or the deployed version itself): leave it be
         self._set(v, name, "loading", pid=os.getpid())
         try:
             try:
@@ -110,26 +125,34 @@ class Deployer:
             self._set(v, name, "failed", error=str(e))
             self._unload_quietly(name)
             raise
-        self._set(v, name, "loaded")
+        if state != "loading":
+            self._set(v, name, state)
         return name
 
     def push(self, v: AdapterVersion, gate: TargetGate | None = None) -> tuple[str, dict | None]:
         """Load `v` and judge it on the server (if `gate` and `settings.gate`): (name, verdict).
-        A rejected name is unloaded again; the caller promotes only on a pass."""
+        The row says `loading` until the verdict (so no reconcile elsewhere takes the name away
+        meanwhile), then `loaded`; a rejected name is unloaded again unless it already serves
+        the task. The caller promotes only on a pass."""
         self.reconcile_quietly()
-        name = self.load(v)
+        name = self.load(v, state="loading")
         verdict = None
         if gate is not None and self.settings.gate:
             try:
                 verdict = gate(self, name, v)
             except Exception as e:
                 verdict = {"passed": False, "failed": True, "reason": f"target gate failed: {type(e).__name__}: {e}"}
-            with self.store.transaction() as db:
-                db.execute("UPDATE remote_adapters SET gate_json=? WHERE target=? AND name=?",
-                           (json.dumps(verdict), self.key, name))
-            if not verdict.get("passed") and v.serves_adapter:
-                self._unload_quietly(name)
-                self._set(v, name, "unloaded", error=f"target gate: {verdict.get('reason')}")
+        if not v.serves_adapter:
+            return name, verdict
+        with self.store.transaction() as db:
+            db.execute("UPDATE remote_adapters SET gate_json=? WHERE target=? AND name=?",
+                       (json.dumps(verdict), self.key, name))
+        deployed = self._deployed_ids()
+        if verdict is None or verdict.get("passed") or v.adapter_id in deployed:
+            self._set(v, name, "loaded")
+        else:
+            self._unload_quietly(name)
+            self._set(v, name, "unloaded", error=f"target gate: {verdict.get('reason')}")
         return name, verdict
 
     def rollback(self, task_key: str, base: str, *, note: str = "") -> str | None:
@@ -165,42 +188,72 @@ class Deployer:
                     db.execute("UPDATE remote_adapters SET retired_at=?, updated_at=? WHERE target=? AND name=?",
                                (now, now, self.key, name))
 
-    def reconcile(self, *, drain_s: float | None = None) -> dict[str, list[str]]:
-        """Make the server hold what the registry says: unload drained and orphaned names, load
-        again the deployed ones it lost. Raises VLLMError when the server cannot be reached."""
+    def reconcile(self, *, drain_s: float | None = None, tasks: set[str] | None = None) -> dict[str, list[str]]:
+        """Make the server hold what the registry says: unload drained names and those a dead
+        push left, load again deployed ones it lost (a restart), and load the deployed versions
+        of `tasks` (the tasks this server serves) that it never had (promoted before it was
+        configured, or while it was down). Raises VLLMError when the server cannot be reached."""
         drain = self.settings.drain_s if drain_s is None else drain_s
         served = set(self.target.served_models())
-        deployed = {r["adapter_id"] for r in self.store.rows(
-            "SELECT adapter_id FROM deployments WHERE adapter_id IS NOT NULL")}
-        done: dict[str, list[str]] = {"unloaded": [], "reloaded": [], "failed": []}
+        done: dict[str, list[str]] = {"unloaded": [], "reloaded": [], "loaded": [], "failed": []}
         now = time.time()
-        for r in self.store.rows("SELECT * FROM remote_adapters WHERE target=? AND state IN ('loading','loaded')",
-                                 (self.key,)):
+        for r in self.store.rows("SELECT * FROM remote_adapters WHERE target=? AND state IN "
+                                 "('loading','loaded','unloading')", (self.key,)):
             name, adapter_id = r["name"], r["adapter_id"]
-            if r["state"] == "loading":
-                if r["pid"] == os.getpid() or _alive(r["pid"]):
-                    continue  # a push in progress
-                self._unload_quietly(name)
-                self._set_state(name, "failed", "the pushing process died before the server listed it")
-                done["unloaded"].append(name)
-            elif adapter_id in deployed:
-                if name not in served:  # the server restarted, or someone unloaded it
-                    try:
+            try:
+                if r["state"] == "loading":
+                    if r["pid"] == os.getpid() or _alive(r["pid"]):
+                        continue  # a push in progress (loading, or being judged)
+                    self._unload_quietly(name)
+                    self._set_state(name, "failed", "the pushing process died before it finished")
+                    done["unloaded"].append(name)
+                elif r["state"] == "unloading":  # an unload that failed before: again
+                    self._unload(r, name, served, done)
+                elif adapter_id in self._deployed_ids():
+                    if name not in served:  # the server restarted, or someone unloaded it
                         self.load(self.registry.get(adapter_id))
                         done["reloaded"].append(name)
-                    except Exception as e:
-                        done["failed"].append(f"{name}: {e}")
-            elif r["retired_at"] is None:
-                self.retire_others(r["task_key"])  # the pointer moved without us (a rollback elsewhere)
-            elif now - r["retired_at"] >= drain:
-                try:
-                    if name in served:
-                        self.target.unload(name)
-                    self._set(self.registry.get(adapter_id), name, "unloaded")
-                    done["unloaded"].append(name)
-                except VLLMError as e:
-                    done["failed"].append(f"{name}: {e}")
+                elif r["retired_at"] is None:
+                    self.retire_others(r["task_key"])  # the pointer moved without us (a rollback elsewhere)
+                elif now - r["retired_at"] >= drain and self._claim_unload(name):
+                    self._unload(r, name, served, done)
+            except Exception as e:
+                done["failed"].append(f"{name}: {type(e).__name__}: {e}")
+        for v in self._missing(tasks or set()):
+            try:
+                done["loaded"].append(self.load(v))
+            except Exception as e:
+                done["failed"].append(f"{v.adapter_id}: {type(e).__name__}: {e}")
         return done
+
+    def _missing(self, tasks: set[str]) -> list[AdapterVersion]:
+        """Deployed adapter versions of `tasks` on this server's base with no name there."""
+        out = []
+        for r in self.store.rows("SELECT task_key, adapter_id FROM deployments WHERE adapter_id IS NOT NULL "
+                                 "AND base=?", (self.base,)):
+            if r["task_key"] in tasks and not self.store.rows(
+                    "SELECT 1 FROM remote_adapters WHERE target=? AND adapter_id=? AND state IN ('loading','loaded')",
+                    (self.key, r["adapter_id"])):
+                v = self.registry.get(r["adapter_id"])
+                if v.serves_adapter:
+                    out.append(v)
+        return out
+
+    def _claim_unload(self, name: str) -> bool:
+        """Take a drained name for unloading, in one transaction with the check that its version
+        is still not deployed (a promote or rollback since may have made it serve again)."""
+        with self.store.transaction() as db:
+            cur = db.execute("UPDATE remote_adapters SET state='unloading', updated_at=? WHERE target=? AND name=? "
+                             "AND state='loaded' AND retired_at IS NOT NULL AND adapter_id NOT IN "
+                             "(SELECT adapter_id FROM deployments WHERE adapter_id IS NOT NULL)",
+                             (time.time(), self.key, name))
+            return cur.rowcount == 1
+
+    def _unload(self, r: dict, name: str, served: set[str], done: dict) -> None:
+        if name in served:
+            self.target.unload(name)
+        self._set(self.registry.get(r["adapter_id"]), name, "unloaded")
+        done["unloaded"].append(name)
 
     def reconcile_quietly(self) -> None:
         try:
@@ -226,6 +279,14 @@ class Deployer:
         with self.store.transaction() as db:
             db.execute("UPDATE remote_adapters SET state=?, error=COALESCE(?, error), updated_at=? "
                        "WHERE target=? AND name=?", (state, error, time.time(), self.key, name))
+
+    def _state(self, name: str) -> str | None:
+        rows = self.store.rows("SELECT state FROM remote_adapters WHERE target=? AND name=?", (self.key, name))
+        return rows[0]["state"] if rows else None
+
+    def _deployed_ids(self) -> set[str]:
+        return {r["adapter_id"] for r in self.store.rows(
+            "SELECT adapter_id FROM deployments WHERE adapter_id IS NOT NULL")}
 
     def _require_listed(self, name: str) -> None:
         if name not in self.target.served_models():

@@ -36,6 +36,9 @@ def server_root(base_url: str) -> str:
     url = urllib.parse.urlsplit(str(base_url).strip())
     if url.scheme not in ("http", "https") or not url.hostname:
         raise InvalidRequestError(f"vLLM base_url must be http(s)://host[:port], not {base_url!r}")
+    if url.username or url.password:  # it would be stored, logged and shown as the server's name
+        raise InvalidRequestError("vLLM base_url must not carry credentials; name the variable holding the API "
+                                  "key in vllm.api_key_env")
     # Accept the server root or its OpenAI route: both are what people copy from vLLM's docs.
     path = url.path.rstrip("/").removesuffix("/v1")
     return urllib.parse.urlunsplit((url.scheme, url.netloc, path, "", ""))
