@@ -258,8 +258,8 @@ def promote_to_vllm(registry, version, key: str, f32: Path, target: VLLMTarget, 
         baseline = evaluate(eng, judged)
         budgets = [answer_budget(eng, ex) for ex in judged]
     log(f"      local gate: candidate {candidate.score:.3f} vs base {baseline.score:.3f}")
-    policy = TaskPolicy(margin=0.0, vllm={"base_url": target.base_url, "served_base": BASE_NAME, "drain_s": 0.0,
-                                          "max_drop": 0.1, "timeout_s": 600.0})
+    policy = TaskPolicy(margin=0.0, vllm={"base_url": target.base_url, "served_base": BASE_NAME, "model": str(f32),
+                                          "drain_s": 0.0, "max_drop": 0.1, "timeout_s": 600.0})
     t0 = time.perf_counter()
     remote = target_gate.push(registry, version, {"adapter": True, "demonstrations": False}, policy, judged,
                               budgets, (), candidate, baseline, log=lambda m: log("      " + m))
@@ -283,7 +283,8 @@ def routed_call(registry, f32: Path, target: VLLMTarget, messages: list[dict]) -
     from ..state.policy import Policy
 
     policy = Policy(registry.store.path.parent)
-    policy.configure(vllm={"base_url": target.base_url, "served_base": BASE_NAME, "timeout_s": 600.0})
+    policy.configure(vllm={"base_url": target.base_url, "served_base": BASE_NAME, "model": str(f32),
+                           "timeout_s": 600.0})
     t0 = time.perf_counter()
     with Runtime(store_path=registry.store.path, policy=policy, engine_config=EngineConfig(n_ctx=2048)) as rt:
         ans = rt.calls.complete(CallRequest(model=str(f32), messages=messages, response_format=train_bench.RF,
