@@ -94,15 +94,5 @@ def test_a_checkpoint_resumes_on_another_device(tiny_model_path, tmp_path):
     assert res.resumed_from == 3 and res.steps == 8
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_trains_what_the_cpu_trains(tiny_model_path, tmp_path):
-    cpu = train(tiny_model_path, EXAMPLES, TrainConfig(**{**CFG.__dict__, "device": "cpu"}), tmp_path / "cpu",
-                progress=False)
-    gpu = train(tiny_model_path, EXAMPLES, TrainConfig(**{**CFG.__dict__, "device": "cuda"}), tmp_path / "gpu",
-                progress=False)
-    assert np.allclose(gpu.losses, cpu.losses, rtol=1e-3, atol=1e-4), (cpu.losses, gpu.losses)
-    a = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(cpu.gguf_path)).tensors}
-    b = {t.name: np.array(t.data) for t in gguf.GGUFReader(str(gpu.gguf_path)).tensors}
-    assert a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape for k in a)
-    assert max(float(np.abs(a[k] - b[k]).max() / max(np.abs(a[k]).max(), 1e-12)) for k in a) < 1e-2
-    assert sorted(p.name for p in gpu.peft_dir.iterdir()) == sorted(p.name for p in cpu.peft_dir.iterdir())
+# CUDA vs CPU (losses, adapter values) is compared where a GPU is: `python -m mtllm_locally.bench gpu`
+# (train.loss_max_rel_diff), run by scripts/gpu_check.sh; CI has no GPU, so it is not a skipped test here.
