@@ -440,3 +440,13 @@ def test_calls_of_another_model_stay_here_and_credentials_and_the_switch_are_saf
                                        'enabled = true\n')
     monkeypatch.setenv("MTLLM_LOCALLY_VLLM", "0")  # the switch wins over every table
     assert not Policy(tmp_path).for_task("classify").remote.active
+
+
+def test_a_vllm_model_that_is_not_here_keeps_calls_local_and_says_so_once(tmp_path, fake, tiny, caplog):
+    path = tiny[0]
+    rt, v, name = routed_runtime(tmp_path, fake, tiny, model=str(tmp_path / "missing.gguf"))
+    with rt, caplog.at_level("WARNING", logger="mtllm_locally.runtime"):
+        for i in range(3):
+            assert rt.calls.complete(call(path, f"inv-m{i}")).served_by is None
+    assert fake.chats() == []
+    assert sum("is not a model here" in r.getMessage() for r in caplog.records) == 1

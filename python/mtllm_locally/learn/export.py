@@ -147,7 +147,10 @@ def write_peft_adapter(directory: str | Path, peft_model, *, base_model: str, ba
         # save_embedding_layers "auto" would ask the Hub whether the base's vocabulary changed;
         # we never train the embeddings, and never go online
         peft_model.save_pretrained(str(tmp), selected_adapters=[adapter_name], save_embedding_layers=False)
-        card = ModelCard.load(tmp / "README.md")
+        # The card PEFT wrote, parsed from its text: ModelCard.load of a path that is missing
+        # would take it for a Hub repository and go online.
+        written = tmp / "README.md"
+        card = ModelCard(written.read_text() if written.is_file() else "---\n---\n")
         card.data.base_model = base_model
         card.data["base_model_gguf"] = base_fingerprint
         card.save(tmp / "README.md")

@@ -136,6 +136,9 @@ def start_training(store: Store, ref: TaskRef, policy: TaskPolicy, *, wait: bool
     try:
         log_dir = private_dir(log_dir or store.path.parent / "logs")
         env = dict(os.environ)
+        # Training reads the served GGUF and nothing else: Hugging Face libraries must not look
+        # anything up online in the worker (a fetch would fail here and leak which model we use).
+        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
         if policy.threads:
             env["OMP_NUM_THREADS"] = str(policy.threads)  # torch and llama.cpp's OpenMP pools
         cmd = [sys.executable, "-m", "mtllm_locally.learn.worker", "--store", str(store.path), "--adapter-id",

@@ -72,7 +72,7 @@ class Runtime:
         self.engines = EnginePool(engine_config)
         self.router = Router()
         self.servers = ServerHealth()  # vLLM servers that failed a call lately (remote_calls.py)
-        self._server_bases: dict[str, str] = {}  # vllm.model -> its fingerprint
+        self._server_bases: dict[str, str | None] = {}  # vllm.model -> its fingerprint
         # Per context: the last call captured (what feedback() refers to by default), and
         # whether capture is suppressed (a teacher answering through this very provider).
         self.last_invocation: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -143,7 +143,8 @@ class Runtime:
             settings = self.policy.for_task(function).remote
             if not settings.active:
                 return route
-            if self.router.base_of(engine) != self._server_base(settings.model):
+            server_base = self._server_base(settings.model)
+            if server_base is None or self.router.base_of(engine) != server_base:
                 return route  # the server's base is another model's: this model's calls stay here
             v = self.router.deployed(engine, task_key)
             if (v.adapter_id if v else None) != route.adapter_id:
@@ -155,11 +156,16 @@ class Runtime:
             return route
         return dataclasses.replace(route, remote=remote) if remote else route
 
-    def _server_base(self, model: str) -> str:
+    def _server_base(self, model: str) -> str | None:
         """The fingerprint of the local model a server's base was exported from (cached: the
-        default model's is read once, not per call)."""
+        default model's is read once, not per call); None when `vllm.model` names no model
+        here (said once; its calls are served in process)."""
         if model not in self._server_bases:
-            self._server_bases[model] = models.fingerprint(models.resolve(model))
+            try:
+                self._server_bases[model] = models.fingerprint(models.resolve(model))
+            except Exception as e:
+                log.warning("vllm.model %r is not a model here (%s); its tasks are served in process", model, e)
+                self._server_bases[model] = None
         return self._server_bases[model]
 
     def attempt_of(self, invocation_id: str | None) -> int:
