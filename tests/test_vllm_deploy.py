@@ -265,6 +265,9 @@ def test_stream_and_async_calls_go_to_the_server_too(tmp_path, fake, tiny):
         fake.break_stream_after = 2  # half an answer was shown: it cannot be taken back
         with pytest.raises(RemoteStreamBroken):
             list(rt.calls.stream(call(path, "inv-b")))
+        fake.break_stream_after, fake.finish_reason = None, "length"  # shown, then found cut: not shown twice
+        with pytest.raises(RemoteStreamBroken, match="budget"):
+            list(rt.calls.stream(call(path, "inv-c")))
 
 
 def test_tools_retries_and_opted_out_tasks_stay_in_process(tmp_path, fake, tiny):

@@ -99,7 +99,7 @@ class FakeVLLM:
                     if fake.break_stream_after is not None and i >= fake.break_stream_after:
                         return  # the connection ends mid-answer
                     self._event({"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}, model)
-                self._event({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}, model)
+                self._event({"choices": [{"index": 0, "delta": {}, "finish_reason": fake.finish_reason}]}, model)
                 self._event({"choices": [], "usage": usage}, model)
                 self.wfile.write(b"data: [DONE]\n\n")
 

@@ -191,6 +191,8 @@ class CallPipeline:
                 except Exception as e:  # the server's failure is never the call's: answer in process
                     self.runtime.servers.failed(call.route.remote, e)
                 if reply is not None and remote_calls.cut_short(call, reply):
+                    if stream and reply.text:  # shown already: answering again would repeat it
+                        raise RemoteStreamBroken("the vLLM server cut a streamed typed answer at its token budget")
                     reply = None  # the engine closes a value within the budget; the server cut it
             if reply is not None:
                 answer = yield Blocking(self._remote_served, (call, reply))
